@@ -1,0 +1,183 @@
+"""One settings object for every part of EchoLM.
+
+Every field can be set by an ``ECHOLM_<FIELD>`` environment variable (nested fields with ``__``,
+lists and tier tables as JSON) or by CLI flags, which the CLI maps onto the same fields. Nothing
+else in the code base reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GeneratorBackend = Literal["llamacpp", "openai", "vllm", "echo"]
+
+
+class TierSettings(BaseModel):
+    """One model tier: a model behind a generation backend, with its relative cost."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,30}$", description="tier name, used in topic names")
+    backend: GeneratorBackend = "llamacpp"
+    model: str = Field(description="model registry name (see `echolm models list`), a .gguf path, or a server model id")
+    relative_cost: float = Field(gt=0, description="cost of a request on this tier relative to the cheapest")
+    concurrency: int = Field(default=1, ge=1, description="requests generated at once by one worker")
+    max_tokens: int = Field(default=256, ge=1, description="default completion limit")
+    timeout_s: float = Field(default=120.0, gt=0, description="hard limit for one generation call")
+    n_ctx: int = Field(default=4096, ge=256, description="context window (llama.cpp)")
+    n_threads: int | None = Field(default=None, description="llama.cpp CPU threads (None: all cores)")
+    base_url: str | None = Field(default=None, description="OpenAI-compatible server URL (backend=openai)")
+    use_examples: bool = Field(default=True, description="prepend retrieved examples when routed here")
+
+
+def _default_tiers() -> list[TierSettings]:
+    return [
+        TierSettings(name="small", model="qwen2.5-coder-0.5b-instruct", relative_cost=1.0, use_examples=True),
+        TierSettings(name="large", model="qwen2.5-coder-1.5b-instruct", relative_cost=3.0, use_examples=False),
+    ]
+
+
+class TopicSettings(BaseModel):
+    """Topic names; every stage reads one and writes the next, keyed by request id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prefix: str = "echolm"
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+    def name(self, stage: str) -> str:
+        return f"{self.prefix}.{stage}"
+
+    @property
+    def requests(self) -> str:
+        return self.name("requests")
+
+    @property
+    def embedded(self) -> str:
+        return self.name("embedded")
+
+    @property
+    def retrieved(self) -> str:
+        return self.name("retrieved")
+
+    def generate(self, tier: str) -> str:
+        return self.name(f"generate.{tier}")
+
+    @property
+    def responses(self) -> str:
+        return self.name("responses")
+
+    @property
+    def dead_letter(self) -> str:
+        return self.name("dead-letter")
+
+    @property
+    def feedback(self) -> str:
+        return self.name("feedback")
+
+
+class Settings(BaseSettings):
+    """All of EchoLM's configuration. Construct once at the entry point and pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ECHOLM_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    # Where things live
+    data_dir: Path = Field(default=Path(".echolm"), description="embedded database, broker logs, run files")
+    model_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "echolm",
+        description="assembled model weights and downloaded data packages (shared by every checkout)",
+    )
+
+    # Kafka
+    kafka_bootstrap: str | None = Field(
+        default=None, description="host:port[,host:port]; unset = start an embedded Tansu broker"
+    )
+    kafka_idempotence: bool = Field(default=False, description="idempotent producer (Apache Kafka only)")
+    kafka_client_id: str = "echolm"
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    consumer_group: str = "echolm"
+    # Short group timeouts: the faust defaults make a worker wait ~30 s to join.
+    rebalance_timeout_s: float = 5.0
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    stage_batch_size: int = Field(default=32, ge=1, description="events a stage takes at once")
+    stage_batch_window_s: float = Field(default=0.05, gt=0, description="how long a stage waits to fill a batch")
+
+    # Database
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; unset = SQLite in data_dir"
+    )
+
+    # Embedding and retrieval
+    embedder_model: str = Field(default="all-MiniLM-L6-v2", description="bundled name or a local model path")
+    embed_batch_size: int = 64
+    retrieve_top_k: int = Field(default=5, ge=0)
+    min_similarity: float = Field(default=0.5, ge=-1, le=1, description="candidates below are never used")
+    ivf_min_examples: int = Field(default=200_000, description="switch a tenant's index to IVF above this size")
+    ivf_nprobe: int = 8
+    cache_sync_interval_s: float = Field(default=0.5, gt=0, description="how often retrievers poll history")
+
+    # Routing (the first, rule-based policy)
+    router_policy: Literal["similarity", "always-large", "always-small"] = "similarity"
+    offload_min_examples: int = Field(default=1, ge=0)
+    offload_min_similarity: float = Field(default=0.8, ge=-1, le=1)
+
+    # Generation
+    tiers: list[TierSettings] = Field(default_factory=_default_tiers)
+    admit_from_tiers: list[str] = Field(default_factory=lambda: ["large"])
+    temperature: float = 0.0
+    max_prompt_chars: int = Field(default=32_000, ge=1, description="requests longer than this are refused")
+    max_examples_prompt_chars: int = Field(default=6_000, ge=0, description="budget for prepended examples")
+
+    # Service
+    log_level: str = "INFO"
+    metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port")
+    default_tenant: str = "default"
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_tier_names(cls, tiers: list[TierSettings]) -> list[TierSettings]:
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if not tiers:
+            raise ValueError("at least one tier is required")
+        return tiers
+
+    @model_validator(mode="after")
+    def _admission_tiers_exist(self) -> Settings:
+        unknown = set(self.admit_from_tiers) - {t.name for t in self.tiers}
+        if unknown:
+            raise ValueError(f"admit_from_tiers names unknown tiers: {sorted(unknown)}")
+        return self
+
+    def tier(self, name: str) -> TierSettings:
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        raise KeyError(f"no tier named {name!r}; configured: {[t.name for t in self.tiers]}")
+
+    @property
+    def tiers_by_cost(self) -> list[TierSettings]:
+        return sorted(self.tiers, key=lambda t: t.relative_cost)
+
+    @property
+    def largest_tier(self) -> TierSettings:
+        return self.tiers_by_cost[-1]
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'echolm.db').resolve()}"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return not self.kafka_bootstrap
