@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     temperature: float = 0.0
     max_prompt_chars: int = Field(default=32_000, ge=1, description="requests longer than this are refused")
     max_examples_prompt_chars: int = Field(default=6_000, ge=0, description="budget for prepended examples")
+    admission_hook: str | None = Field(
+        default=None, description="'module:callable' run before an answer becomes an example (PII scrubbing)"
+    )
 
     # Service
     log_level: str = "INFO"

@@ -1,0 +1,266 @@
+"""The faust app: one agent per stage, each reading its topic in batches and calling ``streams.stages``.
+
+At-least-once by design (Tansu has no transactions): an event is acknowledged only after its
+outputs are acknowledged by the broker, so a crash means redelivery, never loss. Redelivered work
+is harmless: the history upserts by request id and clients de-duplicate by request id.
+
+Agents run with ``concurrency=1`` and ``take_events``: faust agents with higher concurrency may
+commit past an unfinished event (faust issue #606). Parallelism comes from batching instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from echolm.settings import Settings
+from streams import metrics
+from streams.records import InFlightRequest, RequestRecord, ResponseRecord
+from streams.services import Services
+from streams.stages import (
+    Decoder,
+    EmbedStage,
+    GenerateStage,
+    LogStage,
+    Outgoing,
+    RetrieveStage,
+    RouteStage,
+)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("embed", "retrieve", "route", "generate", "log")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Which stages (and which generate tiers) one worker process runs."""
+
+    stages: tuple[str, ...] = STAGES
+    tiers: tuple[str, ...] = ()
+    name: str = "all"
+
+    @classmethod
+    def for_stage(cls, stage: str, settings: Settings, tiers: Sequence[str] = ()) -> WorkerPlan:
+        all_tiers = tuple(t.name for t in settings.tiers)
+        chosen = tuple(tiers) or all_tiers
+        unknown = set(chosen) - set(all_tiers)
+        if unknown:
+            raise ValueError(f"unknown tier(s) {sorted(unknown)}; configured: {list(all_tiers)}")
+        if stage == "all":
+            return cls(STAGES, chosen, "all")
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(('all',) + STAGES)}")
+        name = f"generate-{'-'.join(chosen)}" if stage == "generate" else stage
+        return cls((stage,), chosen if stage == "generate" else (), name)
+
+
+def faust_broker_urls(bootstrap: str) -> list[str]:
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def create_app(settings: Settings, plan: WorkerPlan, services: Services | None = None) -> faust.App:
+    if not settings.kafka_bootstrap:
+        raise ValueError("a worker needs ECHOLM_KAFKA_BOOTSTRAP (the embedded broker is started by `echolm batch`)")
+    services = services or Services(settings)
+    longest_call = max(t.timeout_s for t in settings.tiers)
+    app = faust.App(
+        f"{settings.consumer_group}-{plan.name}",
+        broker=faust_broker_urls(settings.kafka_bootstrap),
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=settings.topics.replication_factor,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        # A batch of LLM calls must finish inside the poll interval or the member leaves the group.
+        broker_max_poll_interval=max(300.0, longest_call * settings.stage_batch_size),
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        stream_wait_empty=False,
+    )
+    wiring = _Wiring(app, settings, services)
+    for stage in plan.stages:
+        if stage == "generate":
+            for tier in plan.tiers:
+                wiring.generate(tier)
+        else:
+            getattr(wiring, stage)()
+
+    @app.task
+    async def warm_up() -> None:
+        # Load models before traffic arrives, so the first batch does not time out the group.
+        await wiring.warm_up(plan)
+
+    @app.on_rebalance_complete.connect
+    async def rebalanced(sender: Any, **kwargs: Any) -> None:
+        log.info("worker %s: partitions assigned", plan.name)
+
+    return app
+
+
+@dataclass
+class _Wiring:
+    app: faust.App
+    settings: Settings
+    services: Services
+    decoder: Decoder = field(init=False)
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.decoder = Decoder(self.settings.topics.responses)
+
+    async def warm_up(self, plan: WorkerPlan) -> None:
+        for stage in plan.stages:
+            if stage == "embed":
+                await self.services.embedder()
+            elif stage == "retrieve":
+                await self.services.example_cache()
+            elif stage == "route":
+                await self.services.router()
+            elif stage == "log":
+                await self.services.history()
+            elif stage == "generate":
+                for tier in plan.tiers:
+                    await self.services.generator(tier)
+        log.info("worker %s ready: stages %s", plan.name, ", ".join(plan.stages))
+
+    def _agent(self, topic_name: str, stage_name: str,
+               decode: Callable[[str | None, bytes], Any],
+               handle: Callable[[list[Any]], Awaitable[list[Outgoing]]]) -> None:
+        topic = self.app.topic(topic_name, key_type=bytes, value_type=bytes)
+        settings = self.settings
+
+        async def agent(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(settings.stage_batch_size, within=settings.stage_batch_window_s):
+                outgoing: list[Outgoing] = []
+                records: list[Any] = []
+                for event in events:
+                    key = event.key.decode("utf-8", "replace") if event.key else None
+                    decoded = decode(key, event.value)
+                    if decoded is None:
+                        continue
+                    if isinstance(decoded, Outgoing):
+                        outgoing.append(decoded)
+                        metrics.STAGE_ERRORS.labels(stage_name, "undecodable").inc()
+                    else:
+                        records.append(decoded)
+                with metrics.STAGE_LATENCY.labels(stage_name).time():
+                    if records:
+                        outgoing.extend(await self._guarded(stage_name, handle, records))
+                metrics.STAGE_EVENTS.labels(stage_name).inc(len(events))
+                await self._send_all(outgoing)
+
+        agent.__name__ = f"{stage_name.replace('.', '_')}_agent"
+        self.app.agent(topic, name=f"echolm.{stage_name}", concurrency=1)(agent)
+
+    async def _guarded(self, stage_name: str, handle: Callable[[list[Any]], Awaitable[list[Outgoing]]],
+                       records: list[Any]) -> list[Outgoing]:
+        """A stage bug must not drop the batch: each request then ends with an explicit error."""
+        try:
+            return await handle(records)
+        except Exception as exc:
+            log.exception("stage %s failed on a batch of %d", stage_name, len(records))
+            metrics.STAGE_ERRORS.labels(stage_name, "stage_failed").inc(len(records))
+            from echolm.domain import EchoLMError, ErrorCode
+            from streams.stages import error_response
+
+            error = EchoLMError(ErrorCode.STAGE_FAILED, f"{stage_name} failed: {type(exc).__name__}: {exc}"[:500])
+            out = []
+            for record in records:
+                request = record if isinstance(record, RequestRecord) else getattr(record, "request", None)
+                if request is None:  # a ResponseRecord at the log stage: retrying is the log stage's job
+                    raise
+                response = error_response(request, stage_name, error)
+                out.append(Outgoing(self.settings.topics.responses, request.request_id,
+                                    response.model_dump_json().encode()))
+            return out
+
+    async def _send_all(self, outgoing: list[Outgoing]) -> None:
+        if not outgoing:
+            return
+        pending = [await self.app.send(o.topic, key=o.key.encode(), value=o.value) for o in outgoing]
+        # Wait for the broker's acknowledgement before the batch is acked (at-least-once).
+        await asyncio.gather(*pending)
+
+    async def _stage(self, name: str, build: Callable[[], Awaitable[Any]]) -> Any:
+        if name not in self.stages:
+            self.stages[name] = await build()
+        return self.stages[name]
+
+    async def _build(self, stage_class: Any, service: Awaitable[Any]) -> Any:
+        return stage_class(self.settings, await service)
+
+    def embed(self) -> None:
+        async def handle(records: list[RequestRecord]) -> list[Outgoing]:
+            stage = await self._stage("embed", lambda: self._build(EmbedStage, self.services.embedder()))
+            return await stage.process(records)
+
+        self._agent(self.settings.topics.requests, "embed",
+                    lambda key, raw: self.decoder.request(key, raw, "embed"), handle)
+
+    def retrieve(self) -> None:
+        async def handle(records: list[InFlightRequest]) -> list[Outgoing]:
+            stage = await self._stage("retrieve", lambda: self._build(RetrieveStage, self.services.example_cache()))
+            return await stage.process(records)
+
+        self._agent(self.settings.topics.embedded, "retrieve",
+                    lambda key, raw: self.decoder.in_flight(key, raw, "retrieve"), handle)
+
+        @self.app.timer(self.settings.cache_sync_interval_s)
+        async def sync_example_cache() -> None:
+            cache = await self.services.example_cache()
+            await cache.sync_from(await self.services.history())
+            metrics.CACHE_SIZE.set(len(cache))
+
+    def route(self) -> None:
+        async def handle(records: list[InFlightRequest]) -> list[Outgoing]:
+            stage = await self._stage("route", lambda: self._build(RouteStage, self.services.router()))
+            outgoing = await stage.process(records)
+            for o in outgoing:
+                metrics.ROUTED.labels(o.topic.rsplit(".", 1)[-1]).inc()
+            return outgoing
+
+        self._agent(self.settings.topics.retrieved, "route",
+                    lambda key, raw: self.decoder.in_flight(key, raw, "route"), handle)
+
+    def generate(self, tier_name: str) -> None:
+        tier = self.settings.tier(tier_name)
+
+        async def handle(records: list[InFlightRequest]) -> list[Outgoing]:
+            async def build() -> GenerateStage:
+                return GenerateStage(self.settings, tier, await self.services.generator(tier_name))
+
+            stage = await self._stage(f"generate.{tier_name}", build)
+            return await stage.process(records)
+
+        self._agent(self.settings.topics.generate(tier_name), f"generate.{tier_name}",
+                    lambda key, raw: self.decoder.in_flight(key, raw, f"generate.{tier_name}"), handle)
+
+    def log(self) -> None:
+        async def handle(records: list[ResponseRecord]) -> list[Outgoing]:
+            async def build() -> LogStage:
+                return LogStage(self.settings, await self.services.history(), self.services.admission_hook())
+
+            stage = await self._stage("log", build)
+            return await stage.process(records)
+
+        def decode(key: str | None, raw: bytes) -> ResponseRecord | None:
+            try:
+                return ResponseRecord.model_validate_json(raw)
+            except Exception as exc:
+                # Nothing to answer to: a corrupt final record is logged and skipped.
+                log.error("corrupt response record key=%s skipped: %s", key, exc)
+                metrics.STAGE_ERRORS.labels("log", "undecodable").inc()
+                return None
+
+        self._agent(self.settings.topics.responses, "log", decode, handle)
