@@ -32,6 +32,7 @@ class TierSettings(BaseModel):
     n_threads: int | None = Field(default=None, description="llama.cpp CPU threads (None: all cores)")
     base_url: str | None = Field(default=None, description="OpenAI-compatible server URL (backend=openai)")
     use_examples: bool = Field(default=True, description="prepend retrieved examples when routed here")
+    simulated_latency_s: float = Field(default=0.0, ge=0, description="echo backend only: delay per request")
 
 
 def _default_tiers() -> list[TierSettings]:

@@ -18,8 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from echolm.domain import ErrorCode
-from streams.records import RequestRecord, ResponseRecord
-from streams.stages import describe_validation_error
+from streams.records import RequestRecord, ResponseRecord, describe_validation_error
 
 SUPPORTED_URLS = ("/v1/chat/completions",)
 

@@ -11,8 +11,7 @@ from pydantic import ValidationError
 from echolm.settings import Settings
 from streams.batch_format import ParsedLine, parse_line
 from streams.kafka_io import RequestProducer, create_topics
-from streams.records import RequestRecord
-from streams.stages import describe_validation_error
+from streams.records import RequestRecord, describe_validation_error
 
 
 def parse_request_line(line_no: int, raw: str, settings: Settings, seen: set[str]) -> RequestRecord | str:

@@ -12,7 +12,7 @@ import time
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from echolm.domain import ChatMessage, ErrorCode, GenerationParams
 
@@ -143,3 +143,11 @@ def encode_vector(vector: np.ndarray) -> str:
 
 def decode_vector(data: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype=np.float32)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "record"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)

@@ -47,6 +47,7 @@ from streams.records import (
     ResponseRecord,
     RouteInfo,
     decode_vector,
+    describe_validation_error,
 )
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,6 @@ def undecodable_response(key: str | None, raw: bytes, stage: str, problem: str) 
         error=ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=problem, stage=stage),
         submitted_at=time.time(),
     )
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "record"
-        parts.append(f"{where}: {err['msg']}")
-    return "invalid request: " + "; ".join(parts)
 
 
 class Decoder:
