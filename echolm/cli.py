@@ -234,6 +234,17 @@ def demo(
     _print_summary(result)
 
 
+@app.command()
+def config(
+    show_values: Annotated[bool, typer.Option("--values", help="show the effective values, not the defaults")] = False,
+) -> None:
+    """Every setting with its environment variable, default (or effective value) and meaning."""
+    from echolm.settings import settings_reference
+
+    for env_name, value, description in settings_reference(_settings() if show_values else None):
+        typer.echo(f"{env_name:<36} {value:<40} {description}")
+
+
 def main() -> None:
     app()
 

@@ -101,13 +101,13 @@ class Settings(BaseSettings):
         default=None, description="host:port[,host:port]; unset = start an embedded Tansu broker"
     )
     kafka_idempotence: bool = Field(default=False, description="idempotent producer (Apache Kafka only)")
-    kafka_client_id: str = "echolm"
-    topics: TopicSettings = Field(default_factory=TopicSettings)
-    consumer_group: str = "echolm"
+    kafka_client_id: str = Field(default="echolm", description="Kafka client id prefix")
+    topics: TopicSettings = Field(default_factory=TopicSettings, description="topic prefix, partitions, replication (ECHOLM_TOPICS__PREFIX ...)")
+    consumer_group: str = Field(default="echolm", description="consumer group prefix; each stage adds its name")
     # Short group timeouts: the faust defaults make a worker wait ~30 s to join.
-    rebalance_timeout_s: float = 5.0
-    session_timeout_s: float = 10.0
-    heartbeat_interval_s: float = 1.0
+    rebalance_timeout_s: float = Field(default=5.0, description="group rebalance timeout (short: fast joins)")
+    session_timeout_s: float = Field(default=10.0, description="a silent worker leaves the group after this")
+    heartbeat_interval_s: float = Field(default=1.0, description="group heartbeat interval")
     stage_batch_size: int = Field(default=32, ge=1, description="events a stage takes at once")
     stage_batch_window_s: float = Field(default=0.05, gt=0, description="how long a stage waits to fill a batch")
 
@@ -118,22 +118,24 @@ class Settings(BaseSettings):
 
     # Embedding and retrieval
     embedder_model: str = Field(default="all-MiniLM-L6-v2", description="bundled name or a local model path")
-    embed_batch_size: int = 64
-    retrieve_top_k: int = Field(default=5, ge=0)
+    embed_batch_size: int = Field(default=64, ge=1, description="texts per embedder call")
+    retrieve_top_k: int = Field(default=5, ge=0, description="candidate examples retrieved per request")
     min_similarity: float = Field(default=0.5, ge=-1, le=1, description="candidates below are never used")
     ivf_min_examples: int = Field(default=200_000, description="switch a tenant's index to IVF above this size")
-    ivf_nprobe: int = 8
+    ivf_nprobe: int = Field(default=8, ge=1, description="IVF clusters searched per query")
     cache_sync_interval_s: float = Field(default=0.5, gt=0, description="how often retrievers poll history")
 
     # Routing (the first, rule-based policy)
-    router_policy: Literal["similarity", "always-large", "always-small"] = "similarity"
-    offload_min_examples: int = Field(default=1, ge=0)
-    offload_min_similarity: float = Field(default=0.8, ge=-1, le=1)
+    router_policy: Literal["similarity", "always-large", "always-small"] = Field(
+        default="similarity", description="similarity: offload when close examples exist; or a fixed tier"
+    )
+    offload_min_examples: int = Field(default=1, ge=0, description="close examples needed to offload")
+    offload_min_similarity: float = Field(default=0.8, ge=-1, le=1, description="what counts as close (cosine)")
 
     # Generation
-    tiers: list[TierSettings] = Field(default_factory=_default_tiers)
-    admit_from_tiers: list[str] = Field(default_factory=lambda: ["large"])
-    temperature: float = 0.0
+    tiers: list[TierSettings] = Field(default_factory=_default_tiers, description="model tiers as a JSON list")
+    admit_from_tiers: list[str] = Field(default_factory=lambda: ["large"], description="tiers whose answers become examples")
+    temperature: float = Field(default=0.0, ge=0, description="default sampling temperature")
     max_prompt_chars: int = Field(default=32_000, ge=1, description="requests longer than this are refused")
     max_examples_prompt_chars: int = Field(default=6_000, ge=0, description="budget for prepended examples")
     admission_hook: str | None = Field(
@@ -141,9 +143,9 @@ class Settings(BaseSettings):
     )
 
     # Service
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port")
-    default_tenant: str = "default"
+    default_tenant: str = Field(default="default", description="tenant of requests that name none")
 
     @field_validator("tiers")
     @classmethod
@@ -185,3 +187,23 @@ class Settings(BaseSettings):
     @property
     def uses_embedded_broker(self) -> bool:
         return not self.kafka_bootstrap
+
+
+def settings_reference(effective: Settings | None = None) -> list[tuple[str, str, str]]:
+    """(environment variable, default or effective value, description) for every setting."""
+    import json
+
+    rows = []
+    values = effective.model_dump(mode="json") if effective else None
+    for name, info in Settings.model_fields.items():
+        if values is not None:
+            value = values[name]
+        else:
+            value = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+            value = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            if isinstance(value, list):
+                value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        rows.append((f"ECHOLM_{name.upper()}", shown if len(shown) <= 40 else shown[:37] + "...",
+                     info.description or ""))
+    return rows
