@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GeneratorBackend = Literal["llamacpp", "openai", "vllm", "echo"]
@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     max_examples_prompt_chars: int = Field(default=6_000, ge=0, description="budget for prepended examples")
     admission_hook: str | None = Field(
         default=None, description="'module:callable' run before an answer becomes an example (PII scrubbing)"
+    )
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="bearer token for backend=openai tiers (hosted APIs); set it in the environment only"
     )
 
     # Service
