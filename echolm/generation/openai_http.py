@@ -39,11 +39,14 @@ MAX_CLIENT_REQUEST_ID_CHARS = 512
 # Stable namespace for deriving UUIDs from EchoLM request ids (see request_id_headers).
 REQUEST_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "echolm:request-id")
 
+# How servers say "the prompt does not fit": OpenAI and vLLM's server ("maximum context length"),
+# vLLM's engine ("longer than the maximum model length"), llama.cpp ("exceeds the available context size").
 _CONTEXT_LENGTH_MARKERS = (
     "context_length_exceeded",
     "maximum context length",
     "context length",
     "context window",
+    "context size",
     "maximum model length",
     "prompt is too long",
     "too many tokens",
@@ -133,14 +136,17 @@ def server_message(status: int, body: bytes) -> str:
     return message[:MAX_MESSAGE_CHARS]
 
 
-def is_context_length_error(status: int, message: str) -> bool:
-    """Whether a client error says the prompt (plus the completion budget) does not fit the model."""
-    if status == 413:
-        return True
-    if status not in (400, 422):
-        return False
+def mentions_context_overflow(message: str) -> bool:
+    """Whether an error message says the prompt (plus the completion budget) does not fit the model."""
     lowered = message.lower()
     return any(marker in lowered for marker in _CONTEXT_LENGTH_MARKERS)
+
+
+def is_context_length_error(status: int, message: str) -> bool:
+    """Whether an HTTP client error is a context overflow (413 always is)."""
+    if status == 413:
+        return True
+    return status in (400, 422) and mentions_context_overflow(message)
 
 
 def request_id_headers(request_id: str) -> dict[str, str]:
