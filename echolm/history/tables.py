@@ -1,0 +1,158 @@
+"""The history schema: response logs, the example cache and its change log.
+
+Portable across PostgreSQL (asyncpg) and SQLite (aiosqlite). Alembic (``migrations/``) owns the
+schema; these models are what the code reads and writes, and a test checks that the migrations
+produce exactly them. New tables (feedback, router state) arrive with new migrations.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+EXAMPLE_STATUSES = ("active", "superseded", "evicted")
+CACHE_EVENT_OPS = ("add", "remove")
+
+# Named constraints: Alembic's SQLite batch mode can only alter constraints that have names.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    SQLite keeps no offset, so values are normalised to UTC on the way in and marked UTC on the way
+    out; naive datetimes are taken to be UTC already.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# 64-bit ids on PostgreSQL; SQLite only autoincrements a column declared exactly INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+# JSONB on PostgreSQL (indexable, compact); plain JSON text elsewhere.
+PortableJSON = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ResponseRow(Base):
+    """One finished request (answered or failed): written once per request id, replaced on re-delivery."""
+
+    __tablename__ = "responses"
+    __table_args__ = (Index("ix_responses_tenant_finished_at", "tenant", "finished_at"),)
+
+    request_id: Mapped[str] = mapped_column(String, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String)
+    custom_id: Mapped[str | None] = mapped_column(String)
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(PortableJSON)
+    prompt_text: Mapped[str] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text)
+    tier: Mapped[str | None] = mapped_column(String)
+    model: Mapped[str | None] = mapped_column(String)
+    example_ids: Mapped[list[int]] = mapped_column(PortableJSON)
+    example_similarities: Mapped[list[float]] = mapped_column(PortableJSON)
+    route_reason: Mapped[str | None] = mapped_column(Text)
+    route_score: Mapped[float | None] = mapped_column(Double)
+    timings: Mapped[dict[str, float]] = mapped_column(PortableJSON)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(String)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    submitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    logged_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class ExampleRow(Base):
+    """One version of a cache entry. A replay upgrade adds version n+1 with ``parent_id`` = version n."""
+
+    __tablename__ = "examples"
+    __table_args__ = (
+        UniqueConstraint("tenant", "source_request_id", "version"),
+        Index("ix_examples_tenant_status", "tenant", "status"),
+        CheckConstraint(f"status IN {EXAMPLE_STATUSES!r}", name="status"),
+        # Ids key the retrievers' vector indexes: SQLite must never hand out a used id again.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String)
+    source_request_id: Mapped[str] = mapped_column(String)
+    prompt: Mapped[str] = mapped_column(Text)
+    response: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String)
+    tier: Mapped[str] = mapped_column(String)
+    quality: Mapped[float | None] = mapped_column(Double)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    parent_id: Mapped[int | None] = mapped_column(Id, ForeignKey("examples.id"))
+    status: Mapped[str] = mapped_column(String, default="active", server_default="active")
+    embedding: Mapped[bytes] = mapped_column(LargeBinary, doc="float32 vector, native byte order")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    status_changed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+class CacheEventRow(Base):
+    """Append-only log of cache changes; retrievers follow it by ``seq`` to keep their indexes current."""
+
+    __tablename__ = "cache_events"
+    __table_args__ = (
+        CheckConstraint(f"op IN {CACHE_EVENT_OPS!r}", name="op"),
+        Index("ix_cache_events_example_id", "example_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    op: Mapped[str] = mapped_column(String)
+    example_id: Mapped[int] = mapped_column(Id, ForeignKey("examples.id"))
+    tenant: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
