@@ -1,0 +1,74 @@
+"""The real all-MiniLM-L6-v2 embedder, loaded offline from its PyPI package."""
+
+import numpy as np
+import pytest
+
+from echolm.domain import Example
+from echolm.protocols import CacheEvent, Embedder
+from echolm.retrieval.embedder import SentenceTransformerEmbedder, resolve_model_path
+from echolm.retrieval.example_cache import ExampleCache
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedder() -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b)
+
+
+def test_vectors_are_float32_unit_rows_of_the_model_dimension(embedder):
+    vectors = embedder.embed(["How do I sort a list in Python?", "", "x" * 5000])
+    assert isinstance(embedder, Embedder)
+    assert embedder.dimension == 384
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32 and vectors.flags.c_contiguous
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.embed([]).shape == (0, 384)
+
+
+def test_paraphrases_are_closer_than_unrelated_texts(embedder):
+    a, paraphrase, unrelated = embedder.embed([
+        "How do I reverse a list in Python?",
+        "What is the way to reverse a Python list?",
+        "The weather in Paris is mild in spring.",
+    ])
+    assert cosine(a, paraphrase) > 0.8
+    assert cosine(a, unrelated) < 0.3
+
+
+def test_embeddings_are_deterministic_and_batch_independent(embedder):
+    texts = [f"Write a function that returns the {n}th Fibonacci number." for n in range(1, 10)]
+    one_by_one = np.stack([embedder.embed([t])[0] for t in texts[:3]])
+    batched = embedder.embed(texts)[:3]
+    np.testing.assert_allclose(one_by_one, batched, atol=1e-5)
+
+
+def test_a_single_string_is_refused(embedder):
+    with pytest.raises(TypeError):
+        embedder.embed("not a list")  # type: ignore[arg-type]
+
+
+def test_an_unknown_model_fails_locally_instead_of_downloading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a local"):
+        resolve_model_path(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError):
+        _ = SentenceTransformerEmbedder("sentence-transformers/paraphrase-MiniLM-L3-v2").dimension
+
+
+def test_real_embeddings_retrieve_the_cached_paraphrase(embedder):
+    cached = ["Write a Python function to check whether a number is prime.",
+              "Convert a temperature from Celsius to Fahrenheit.",
+              "Count the vowels in a string."]
+    vectors = embedder.embed(cached)
+    cache = ExampleCache(embedder.dimension)
+    cache.apply([CacheEvent(seq=i + 1, op="add", embedding=v,
+                            example=Example(id=i + 1, tenant="t", prompt=p, response="...", model="m", tier="large"))
+                 for i, (p, v) in enumerate(zip(cached, vectors, strict=True))])
+
+    hits = cache.search("t", embedder.embed(["How can I test if an integer is a prime number in Python?"]), 3, 0.5)[0]
+
+    assert hits[0].example.id == 1 and hits[0].similarity > 0.7
+    assert all(h.example.id != 2 for h in hits)  # the unrelated example stays below 0.5
