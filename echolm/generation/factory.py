@@ -1,0 +1,46 @@
+"""Builds the generation backend of a tier from settings."""
+
+from __future__ import annotations
+
+from echolm.protocols import Generator
+from echolm.settings import Settings, TierSettings
+
+
+def make_generator(tier: TierSettings, settings: Settings) -> Generator:
+    """The ``Generator`` for ``tier`` (``tier.backend`` picks the implementation).
+
+    ``llamacpp`` resolves the model (assembling registry models in ``settings.model_cache_dir``
+    on first use: this may download and take a while) and loads it lazily on first generation.
+    ``echo`` answers instantly, or after a fixed delay written as a suffix of the model name,
+    ``"echo@0.25"`` (seconds), to emulate a model's latency in pipeline benchmarks.
+    """
+    if tier.backend == "llamacpp":
+        from echolm.assets import resolve_model
+        from echolm.generation.llamacpp import LlamaCppGenerator
+
+        return LlamaCppGenerator(tier, resolve_model(tier.model, settings.model_cache_dir))
+    if tier.backend == "echo":
+        from echolm.generation.echo import EchoGenerator
+
+        return EchoGenerator(tier.model, delay_s=tier.simulated_latency_s or echo_delay_s(tier.model),
+                             timeout_s=tier.timeout_s)
+    if tier.backend in ("openai", "vllm"):
+        raise ValueError(
+            f"tier {tier.name}: the {tier.backend!r} generation backend is not built yet; "
+            "available backends: 'llamacpp', 'echo'"
+        )
+    raise ValueError(f"tier {tier.name}: unknown generation backend {tier.backend!r}")
+
+
+def echo_delay_s(model: str) -> float:
+    """The delay encoded in an echo model name: ``"echo@0.25"`` -> 0.25, ``"echo"`` -> 0.0."""
+    _, sep, delay = model.rpartition("@")
+    if not sep:
+        return 0.0
+    try:
+        value = float(delay)
+    except ValueError:
+        raise ValueError(f"echo model {model!r}: the part after '@' must be a delay in seconds") from None
+    if value < 0:
+        raise ValueError(f"echo model {model!r}: the delay must not be negative")
+    return value
