@@ -36,6 +36,24 @@ log = logging.getLogger(__name__)
 
 STAGES = ("embed", "retrieve", "route", "generate", "log")
 
+# Stages beyond the request path (feedback, judging, replay, eviction) live in their own modules
+# and register here: name -> function that adds its agents/timers to a worker's app.
+EXTRA_STAGES: dict[str, Callable[[_Wiring], None]] = {}
+
+
+def register_stage(name: str) -> Callable[[Callable[[_Wiring], None]], Callable[[_Wiring], None]]:
+    def register(wire: Callable[[_Wiring], None]) -> Callable[[_Wiring], None]:
+        EXTRA_STAGES[name] = wire
+        return wire
+
+    return register
+
+
+def available_stages() -> tuple[str, ...]:
+    import streams.extra_stages  # noqa: F401  (registers the optional stages)
+
+    return STAGES + tuple(EXTRA_STAGES)
+
 
 @dataclass(frozen=True)
 class WorkerPlan:
@@ -52,10 +70,11 @@ class WorkerPlan:
         unknown = set(chosen) - set(all_tiers)
         if unknown:
             raise ValueError(f"unknown tier(s) {sorted(unknown)}; configured: {list(all_tiers)}")
+        stages = available_stages()
         if stage == "all":
-            return cls(STAGES, chosen, "all")
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(('all',) + STAGES)}")
+            return cls(stages, chosen, "all")
+        if stage not in stages:
+            raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(('all',) + stages)}")
         name = f"generate-{'-'.join(chosen)}" if stage == "generate" else stage
         return cls((stage,), chosen if stage == "generate" else (), name)
 
@@ -93,6 +112,8 @@ def create_app(settings: Settings, plan: WorkerPlan, services: Services | None =
         if stage == "generate":
             for tier in plan.tiers:
                 wiring.generate(tier)
+        elif stage in EXTRA_STAGES:
+            EXTRA_STAGES[stage](wiring)
         else:
             getattr(wiring, stage)()
 
@@ -133,6 +154,12 @@ class _Wiring:
                 for tier in plan.tiers:
                     await self.services.generator(tier)
         log.info("worker %s ready: stages %s", plan.name, ", ".join(plan.stages))
+
+    def agent(self, topic_name: str, stage_name: str,
+              decode: Callable[[str | None, bytes], Any],
+              handle: Callable[[list[Any]], Awaitable[list[Outgoing]]]) -> None:
+        """Adds a batched, at-least-once agent: decode each event, handle the batch, send the outputs."""
+        self._agent(topic_name, stage_name, decode, handle)
 
     def _agent(self, topic_name: str, stage_name: str,
                decode: Callable[[str | None, bytes], Any],
