@@ -13,6 +13,8 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
     on first use: this may download and take a while) and loads it lazily on first generation.
     ``echo`` answers instantly, or after a fixed delay written as a suffix of the model name,
     ``"echo@0.25"`` (seconds), to emulate a model's latency in pipeline benchmarks.
+    ``openai`` calls an OpenAI-compatible server at ``tier.base_url`` (key: ``ECHOLM_OPENAI_API_KEY``);
+    ``vllm`` runs vLLM's engine in-process (needs the ``gpu`` extra and a CUDA GPU).
     """
     if tier.backend == "llamacpp":
         from echolm.assets import resolve_model
@@ -24,11 +26,15 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
 
         return EchoGenerator(tier.model, delay_s=tier.simulated_latency_s or echo_delay_s(tier.model),
                              timeout_s=tier.timeout_s)
-    if tier.backend in ("openai", "vllm"):
-        raise ValueError(
-            f"tier {tier.name}: the {tier.backend!r} generation backend is not built yet; "
-            "available backends: 'llamacpp', 'echo'"
-        )
+    if tier.backend == "openai":
+        from echolm.generation.openai_http import OpenAIChatGenerator
+
+        api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        return OpenAIChatGenerator(tier, api_key=api_key or None)
+    if tier.backend == "vllm":
+        from echolm.generation.vllm_engine import VllmEngineGenerator
+
+        return VllmEngineGenerator(tier)
     raise ValueError(f"tier {tier.name}: unknown generation backend {tier.backend!r}")
 
 

@@ -305,3 +305,16 @@ async def test_concurrency_is_limited_to_the_tier_setting():
     await generator.aclose()
     assert len(results) == 10
     assert peak == 3
+
+
+def test_the_factory_builds_it_with_the_key_from_the_environment(monkeypatch):
+    from echolm.generation.factory import make_generator
+    from echolm.settings import Settings
+
+    tier = _tier()
+    monkeypatch.setenv("ECHOLM_OPENAI_API_KEY", "sk-from-env")
+    generator = make_generator(tier, Settings(tiers=[tier], admit_from_tiers=[]))
+    assert isinstance(generator, OpenAIChatGenerator) and generator.url == "http://llm.test/v1/chat/completions"
+    assert generator._api_key == "sk-from-env"
+    monkeypatch.setenv("ECHOLM_OPENAI_API_KEY", "")  # compose passes an unset secret as empty
+    assert make_generator(tier, Settings(tiers=[tier], admit_from_tiers=[]))._api_key is None

@@ -268,3 +268,13 @@ async def test_engine_failures_and_long_prompts_become_explicit_errors(monkeypat
         await generator.generate([ChatMessage("user", "word " * 300)], GenerationParams(), request_id="req-2")
     assert too_long.value.code is ErrorCode.PROMPT_TOO_LONG
     assert [request_id for _, _, request_id in engine.seen] == ["req-1"]  # the long one never reached the engine
+
+
+def test_the_factory_builds_the_vllm_backend(monkeypatch):
+    from echolm.generation.factory import make_generator
+    from echolm.settings import Settings
+
+    _stand_in_vllm(monkeypatch, StandInEngine())
+    tier = _tier()
+    generator = make_generator(tier, Settings(tiers=[tier], admit_from_tiers=[]))
+    assert isinstance(generator, VllmEngineGenerator) and generator.model_name == tier.model
