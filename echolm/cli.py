@@ -51,7 +51,7 @@ def _settings(**overrides: Any) -> Settings:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("aiokafka", "faust", "mode", "httpx", "sentence_transformers"):
+    for noisy in ("aiokafka", "faust", "mode", "httpx", "sentence_transformers", "alembic", "faiss"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 

@@ -157,18 +157,19 @@ class _Wiring:
 
     def agent(self, topic_name: str, stage_name: str,
               decode: Callable[[str | None, bytes], Any],
-              handle: Callable[[list[Any]], Awaitable[list[Outgoing]]]) -> None:
+              handle: Callable[[list[Any]], Awaitable[list[Outgoing]]], batch_size: int | None = None) -> None:
         """Adds a batched, at-least-once agent: decode each event, handle the batch, send the outputs."""
-        self._agent(topic_name, stage_name, decode, handle)
+        self._agent(topic_name, stage_name, decode, handle, batch_size)
 
     def _agent(self, topic_name: str, stage_name: str,
                decode: Callable[[str | None, bytes], Any],
-               handle: Callable[[list[Any]], Awaitable[list[Outgoing]]]) -> None:
+               handle: Callable[[list[Any]], Awaitable[list[Outgoing]]], batch_size: int | None = None) -> None:
         topic = self.app.topic(topic_name, key_type=bytes, value_type=bytes)
         settings = self.settings
+        take = batch_size or settings.stage_batch_size
 
         async def agent(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(settings.stage_batch_size, within=settings.stage_batch_window_s):
+            async for events in stream.take_events(take, within=settings.stage_batch_window_s):
                 outgoing: list[Outgoing] = []
                 records: list[Any] = []
                 for event in events:
@@ -270,8 +271,11 @@ class _Wiring:
             stage = await self._stage(f"generate.{tier_name}", build)
             return await stage.process(records)
 
+        # A batch is as large as the tier's concurrency: answers go out as each group finishes, not
+        # after a whole stage batch of slow generations.
         self._agent(self.settings.topics.generate(tier_name), f"generate.{tier_name}",
-                    lambda key, raw: self.decoder.in_flight(key, raw, f"generate.{tier_name}"), handle)
+                    lambda key, raw: self.decoder.in_flight(key, raw, f"generate.{tier_name}"), handle,
+                    batch_size=tier.concurrency)
 
     def log(self) -> None:
         async def handle(records: list[ResponseRecord]) -> list[Outgoing]:

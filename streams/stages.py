@@ -26,7 +26,7 @@ from echolm.domain import (
     RetrievedExample,
     request_text,
 )
-from echolm.prompting import build_messages
+from echolm.prompting import build_messages, select_within_budget
 from echolm.protocols import (
     AdmissionHook,
     Embedder,
@@ -227,11 +227,12 @@ class GenerateStage:
         use_examples = bool(record.route and record.route.use_examples and self._tier.use_examples)
         if not use_examples or not record.examples:
             return messages, []
-        retrieved = [_retrieved(ref, record.request.tenant) for ref in record.examples]
-        prompt = build_messages(messages, retrieved, budget_chars=self._settings.max_examples_prompt_chars)
-        # Record which examples actually made it into the prompt (the budget may drop some).
-        rendered = "\n".join(m.content for m in prompt)
-        used = [ref for ref in record.examples if ref.response in rendered]
+        budget = self._settings.max_examples_prompt_chars
+        chosen = select_within_budget([_retrieved(ref, record.request.tenant) for ref in record.examples], budget)
+        prompt = build_messages(messages, chosen, budget_chars=budget)
+        # Provenance lists the examples that made it into the prompt (the budget may drop some).
+        chosen_ids = {c.example.id for c in chosen}
+        used = [ref for ref in record.examples if ref.id in chosen_ids]
         return prompt, used
 
     async def _one(self, record: InFlightRequest) -> ResponseRecord:
