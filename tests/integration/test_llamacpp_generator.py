@@ -1,0 +1,127 @@
+"""LlamaCppGenerator on the real SmolLM2-135M weights: answers, timeouts, context overflow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from echolm.assets import resolve_model
+from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
+from echolm.generation.factory import make_generator
+from echolm.generation.llamacpp import LlamaCppGenerator
+from echolm.settings import Settings, TierSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [ChatMessage("user", "What is the capital of France? Answer in one short sentence.")]
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return resolve_model(MODEL, Settings().model_cache_dir)
+
+
+def _tier(**overrides: object) -> TierSettings:
+    fields: dict[str, object] = {"name": "tiny", "model": MODEL, "relative_cost": 1.0, "n_ctx": 1024}
+    fields.update(overrides)
+    return TierSettings(**fields)
+
+
+@pytest.fixture
+async def generator(model_path: Path) -> AsyncIterator[LlamaCppGenerator]:
+    gen = LlamaCppGenerator(_tier(), model_path)
+    await gen.start()
+    yield gen
+    await gen.aclose()
+
+
+async def test_answers_a_real_question_with_sane_token_counts(generator: LlamaCppGenerator) -> None:
+    result = await generator.generate(QUESTION, GenerationParams(max_tokens=32), request_id="q1")
+
+    assert "paris" in result.text.lower()
+    assert result.model == MODEL
+    assert result.prompt_tokens == generator.count_prompt_tokens(QUESTION)
+    assert 0 < result.completion_tokens <= 32
+    assert result.finish_reason in {"stop", "length"}
+    assert 0 < result.latency_s < 60
+
+
+async def test_concurrent_calls_are_serialised_and_all_answered(generator: LlamaCppGenerator) -> None:
+    questions = [[ChatMessage("user", f"Say the number {n} and nothing else.")] for n in range(3)]
+
+    results = await asyncio.gather(
+        *(generator.generate(q, GenerationParams(max_tokens=8), request_id=f"c{i}") for i, q in enumerate(questions))
+    )
+
+    assert all(r.completion_tokens > 0 and r.text for r in results)
+    assert [r.prompt_tokens for r in results] == [generator.count_prompt_tokens(q) for q in questions]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param([ChatMessage("user", "Write a very long story about dragons.")], id="while-decoding"),
+        pytest.param([ChatMessage("user", "dragon " * 900)], id="while-reading-the-prompt"),
+    ],
+)
+async def test_a_tiny_timeout_stops_generation_promptly(model_path: Path, messages: list[ChatMessage]) -> None:
+    gen = LlamaCppGenerator(_tier(timeout_s=0.05, max_tokens=900), model_path)
+    await gen.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(EchoLMError) as caught:
+            await gen.generate(messages, GenerationParams(max_tokens=900), request_id="slow")
+        elapsed = time.monotonic() - started
+    finally:
+        await gen.aclose()
+
+    assert caught.value.code is ErrorCode.GENERATION_TIMEOUT
+    # The inner deadline stops llama.cpp itself, well before the outer 1 s backstop.
+    assert elapsed < 0.9
+
+
+async def test_the_model_answers_normally_after_a_timeout(model_path: Path) -> None:
+    # Reading ~1,800 prompt tokens takes several seconds on 2 cores, far past the limit; the short
+    # question afterwards takes a fraction of it, even on a busy machine.
+    gen = LlamaCppGenerator(_tier(timeout_s=3.0, n_ctx=2048), model_path)
+    await gen.start()
+    try:
+        with pytest.raises(EchoLMError) as caught:
+            await gen.generate([ChatMessage("user", "dragon " * 1800)], GenerationParams(max_tokens=8), request_id="long")
+        assert caught.value.code is ErrorCode.GENERATION_TIMEOUT
+
+        result = await gen.generate(QUESTION, GenerationParams(max_tokens=12), request_id="after")
+    finally:
+        await gen.aclose()
+
+    assert "paris" in result.text.lower()
+
+
+async def test_a_prompt_longer_than_the_context_is_refused_with_token_counts(model_path: Path) -> None:
+    gen = LlamaCppGenerator(_tier(n_ctx=256), model_path)
+    try:
+        with pytest.raises(EchoLMError) as caught:
+            await gen.generate([ChatMessage("user", "word " * 400)], GenerationParams(max_tokens=8), request_id="big")
+    finally:
+        await gen.aclose()
+
+    assert caught.value.code is ErrorCode.PROMPT_TOO_LONG
+    assert "256" in caught.value.message and "tokens" in caught.value.message
+
+
+async def test_factory_builds_a_llamacpp_generator_for_a_registry_name(model_path: Path) -> None:
+    settings = Settings(tiers=[_tier()], admit_from_tiers=["tiny"])
+
+    gen = make_generator(settings.tier("tiny"), settings)
+    try:
+        assert isinstance(gen, LlamaCppGenerator)
+        assert gen.model_name == MODEL
+        result = await gen.generate(QUESTION, GenerationParams(max_tokens=12), request_id="f1")
+    finally:
+        await gen.aclose()
+    assert result.text
