@@ -1,7 +1,8 @@
 """Per-request overhead of EchoLM's critical-path stages before generation: embed, retrieve, route.
 
 For each request: embed it alone with the real all-MiniLM-L6-v2 (what a lightly loaded embed stage
-does), search the in-memory ``ExampleCache`` holding N examples of the request's tenant, and route
+does; in float32 and in bfloat16, alternating request by request so both see the same machine
+load), search the in-memory ``ExampleCache`` holding N examples of the request's tenant, and route
 it with ``SimilarityRouter``; the total is the per-request sum. Also measured: the embedder's
 batched throughput (what the embed stage sustains under load), the time to load N examples into
 the cache (a retriever's cold start), and IVF recall@k against exact search on the same data.
@@ -98,15 +99,23 @@ def fill_cache(vectors: np.ndarray, texts: Sequence[str], ivf_min_examples: int,
     return cache, seconds
 
 
-def embed_single(embedder: SentenceTransformerEmbedder, queries: Sequence[str],
-                 warmup: int) -> tuple[np.ndarray, list[float]]:
-    for text in queries[:warmup]:
-        embedder.embed([text])
-    vectors, latencies = [], []
+def embed_single(embedders: dict[str, SentenceTransformerEmbedder], queries: Sequence[str],
+                 warmup: int) -> tuple[np.ndarray, dict[str, list[float]]]:
+    """Each query embedded alone by each embedder, alternating, so all see the same machine load.
+
+    Returns the first embedder's vectors (used for retrieval) and per-embedder latencies.
+    """
+    for embedder in embedders.values():
+        for text in queries[:warmup]:
+            embedder.embed([text])
+    vectors: list[np.ndarray] = []
+    latencies: dict[str, list[float]] = {name: [] for name in embedders}
     for text in queries:
-        seconds, vector = timed(partial(embedder.embed, [text]))
-        latencies.append(seconds)
-        vectors.append(vector[0])
+        for position, (name, embedder) in enumerate(embedders.items()):
+            seconds, vector = timed(partial(embedder.embed, [text]))
+            latencies[name].append(seconds)
+            if position == 0:
+                vectors.append(vector[0])
     return np.stack(vectors), latencies
 
 
@@ -119,8 +128,9 @@ def embed_throughput(embedder: SentenceTransformerEmbedder, texts: Sequence[str]
 
 
 def run_size(size: int, layout: str, base: np.ndarray, base_texts: Sequence[str], queries: np.ndarray,
-             embed_latencies: Sequence[float], settings: Settings, args: argparse.Namespace,
-             exact_ids: dict[int, list[list[int]]]) -> dict[str, Any]:
+             embed_latencies: dict[str, list[float]], settings: Settings, args: argparse.Namespace,
+             exact_ids: dict[int, list[list[int]]]) -> list[dict[str, Any]]:
+    """One cache of ``size`` examples in ``layout``: one row per embedder dtype."""
     rng = np.random.default_rng(args.seed + size)
     vectors = fill_vectors(base, size, args.fill, rng)
     ivf_min_examples = {"flat": 2**62, "ivf": 0, "auto": settings.ivf_min_examples}[layout]
@@ -141,25 +151,27 @@ def run_size(size: int, layout: str, base: np.ndarray, base_texts: Sequence[str]
         seconds, decision = timed(partial(router.route, context))
         route.append(seconds)
         offloaded += decision.use_examples
-    total = [e + r + o for e, r, o in zip(embed_latencies, retrieve, route, strict=True)]
 
     built = cache.layout(TENANT) or "empty"
-    row: dict[str, Any] = {
+    shared: dict[str, Any] = {
         "examples": size, "layout": built, "fill_s": round(fill_s, 2),
-        "embed_ms": percentiles_ms(embed_latencies), "retrieve_ms": percentiles_ms(retrieve),
-        "route_ms": percentiles_ms(route), "total_ms": percentiles_ms(total),
-        "offloaded_fraction": offloaded / len(queries),
-        "mean_hits": float(np.mean([len(f) for f in found])),
+        "retrieve_ms": percentiles_ms(retrieve), "route_ms": percentiles_ms(route),
+        "offloaded_fraction": offloaded / len(queries), "mean_hits": float(np.mean([len(f) for f in found])),
     }
     if built == "flat":
         exact_ids[size] = found
     elif size in exact_ids:
         exact = exact_ids[size]
         matched = sum(len(set(a) & set(b)) for a, b in zip(found, exact, strict=True))
-        row["recall_vs_exact"] = matched / max(1, sum(len(b) for b in exact))
+        shared["recall_vs_exact"] = matched / max(1, sum(len(b) for b in exact))
     if built == "ivf":
-        row["nlist"] = ivf_cluster_count(size)
-    return row
+        shared["nlist"] = ivf_cluster_count(size)
+    rows = []
+    for dtype, latencies in embed_latencies.items():
+        total = [e + r + o for e, r, o in zip(latencies, retrieve, route, strict=True)]
+        rows.append({**shared, "embed_dtype": dtype, "embed_ms": percentiles_ms(latencies),
+                     "total_ms": percentiles_ms(total)})
+    return rows
 
 
 def print_table(rows: Sequence[dict[str, Any]], header: dict[str, Any]) -> None:
@@ -168,8 +180,8 @@ def print_table(rows: Sequence[dict[str, Any]], header: dict[str, Any]) -> None:
           f"load avg at start {header['load_avg_start']}")
     print(f"cache fill: {header['fill']}; k={header['k']}, min_similarity={header['min_similarity']}, "
           f"nprobe={header['nprobe']}")
-    columns = f"{'examples':>9} {'layout':>6} {'embed':>13} {'retrieve':>13} {'route':>13} {'total':>13} " \
-              f"{'recall':>7} {'offload':>7} {'fill s':>7}"
+    columns = f"{'examples':>9} {'layout':>6} {'embed dtype':>11} {'embed':>13} {'retrieve':>13} {'route':>13} " \
+              f"{'total':>13} {'recall':>7} {'offload':>7} {'fill s':>7}"
     print(columns)
     print("-" * len(columns))
     def pair(row: dict[str, Any], key: str) -> str:
@@ -180,9 +192,9 @@ def print_table(rows: Sequence[dict[str, Any]], header: dict[str, Any]) -> None:
             recall = f"{row['recall_vs_exact']:.3f}"
         else:
             recall = "exact" if row["layout"] == "flat" else "-"
-        print(f"{row['examples']:>9,} {row['layout']:>6} {pair(row, 'embed_ms'):>13} {pair(row, 'retrieve_ms'):>13} "
-              f"{pair(row, 'route_ms'):>13} {pair(row, 'total_ms'):>13} {recall:>7} {row['offloaded_fraction']:>7.2f} "
-              f"{row['fill_s']:>7.2f}")
+        print(f"{row['examples']:>9,} {row['layout']:>6} {row['embed_dtype']:>11} {pair(row, 'embed_ms'):>13} "
+              f"{pair(row, 'retrieve_ms'):>13} {pair(row, 'route_ms'):>13} {pair(row, 'total_ms'):>13} "
+              f"{recall:>7} {row['offloaded_fraction']:>7.2f} {row['fill_s']:>7.2f}")
     print("recall: IVF top-k overlap with exact search on the same cache; offload: share routed small+examples;")
     print("fill s: applying N add events to an empty cache (a retriever's cold start, IVF training included)")
 
@@ -199,6 +211,11 @@ def main() -> None:
     parser.add_argument("--base-texts", type=int, default=3000, help="real texts embedded to fill the cache")
     parser.add_argument("--throughput-texts", type=int, default=1024, help="texts for the batched throughput")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls before each measurement")
+    parser.add_argument("--embed-dtypes", nargs="+", choices=["float32", "bfloat16"],
+                        default=["float32", "bfloat16"],
+                        help="embedder compute dtypes to time (default both; the first embeds the cache)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the embedder (default: the embedder's own choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", nargs="?", type=Path, const=True, default=None,
                         help=f"also write the figures as JSON (default file under {RESULTS_DIR})")
@@ -212,20 +229,24 @@ def main() -> None:
     if len(queries_text) < args.queries or not base_texts:
         raise SystemExit(f"only {len(texts)} texts available; lower --queries or --base-texts")
 
-    embedder = SentenceTransformerEmbedder(settings.embedder_model, batch_size=settings.embed_batch_size)
-    load_s, _ = timed(lambda: embedder.dimension)
-    print(f"embedder loaded in {load_s:.1f} s; embedding {len(base_texts)} cache texts ...", flush=True)
-    base_s, base = timed(lambda: embedder.embed(base_texts))
-    throughput = {bs: embed_throughput(embedder, texts[: args.throughput_texts], bs)
-                  for bs in sorted({settings.stage_batch_size, settings.embed_batch_size})}
-    queries, embed_latencies = embed_single(embedder, queries_text, args.warmup)
+    embedders = {dtype: SentenceTransformerEmbedder(settings.embedder_model, batch_size=settings.embed_batch_size,
+                                                    num_threads=args.threads, dtype=dtype)
+                 for dtype in args.embed_dtypes}
+    reference = embedders[args.embed_dtypes[0]]
+    load_s, _ = timed(lambda: [e.dimension for e in embedders.values()])
+    print(f"embedders loaded in {load_s:.1f} s; embedding {len(base_texts)} cache texts ...", flush=True)
+    base_s, base = timed(partial(reference.embed, base_texts))
+    batch_sizes = sorted({settings.stage_batch_size, settings.embed_batch_size})
+    throughput = {dtype: {bs: embed_throughput(e, texts[: args.throughput_texts], bs) for bs in batch_sizes}
+                  for dtype, e in embedders.items()}
+    queries, embed_latencies = embed_single(embedders, queries_text, args.warmup)
 
     rows: list[dict[str, Any]] = []
     exact_ids: dict[int, list[list[int]]] = {}
     for size in args.sizes:
         for layout in sorted(args.layouts, key=lambda name: name != "flat"):  # exact first: recall reference
             print(f"  {size:,} examples, {layout} ...", flush=True)
-            rows.append(run_size(size, layout, base, base_texts, queries, embed_latencies, settings, args, exact_ids))
+            rows += run_size(size, layout, base, base_texts, queries, embed_latencies, settings, args, exact_ids)
 
     import faiss
     import torch
@@ -237,16 +258,19 @@ def main() -> None:
         "fill": f"{args.fill}: " + (f"{len(base_texts)} embedded GSM8K/MBPP prompts + noisy copies (cos ~0.9)"
                                      if args.fill == "real" else "random unit vectors"),
         "k": settings.retrieve_top_k, "min_similarity": settings.min_similarity, "nprobe": settings.ivf_nprobe,
-        "embed_model": settings.embedder_model,
+        "embed_model": settings.embedder_model, "embed_dtypes": args.embed_dtypes,
     }
     print_table(rows, header)
-    print(f"\nembedder batched throughput (texts/s, {args.throughput_texts} real prompts): "
-          + ", ".join(f"batch {bs}: {rate:.0f}" for bs, rate in throughput.items())
-          + f"; first {len(base_texts)} texts at batch {settings.embed_batch_size}: {len(base_texts) / base_s:.0f}")
+    print(f"\nembedder batched throughput, texts/s ({args.throughput_texts} real prompts):")
+    for dtype, rates in throughput.items():
+        print(f"  {dtype:>9}: " + ", ".join(f"batch {bs}: {rate:.0f}" for bs, rate in rates.items()))
+    print(f"  (cache fill: {len(base_texts)} texts at batch {settings.embed_batch_size}, "
+          f"{args.embed_dtypes[0]}: {len(base_texts) / base_s:.0f} texts/s)")
     at_target = [r for r in rows if r["examples"] == TARGET_SIZE]
     for row in at_target:
         met = row["total_ms"]["p50"] < TARGET_TOTAL_P50_MS
-        print(f"target: total p50 < {TARGET_TOTAL_P50_MS:.0f} ms at {TARGET_SIZE:,} examples ({row['layout']}): "
+        print(f"target: total p50 < {TARGET_TOTAL_P50_MS:.0f} ms at {TARGET_SIZE:,} examples "
+              f"({row['layout']}, {row['embed_dtype']}): "
               f"{row['total_ms']['p50']:.2f} ms -> {'met' if met else 'NOT met'}")
     if os.getloadavg()[0] > (os.cpu_count() or 1) * 0.75:
         print("note: the machine was busy during the run (load average above); figures are pessimistic")
@@ -256,7 +280,8 @@ def main() -> None:
         path = args.json if isinstance(args.json, Path) else default_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"header": header, "rows": rows,
-                                    "embed_throughput_texts_per_s": {str(k): v for k, v in throughput.items()}},
+                                    "embed_throughput_texts_per_s": {
+                                        d: {str(bs): r for bs, r in rates.items()} for d, rates in throughput.items()}},
                                    indent=2))
         print(f"wrote {path}")
 

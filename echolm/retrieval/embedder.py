@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 BUNDLED_MINILM = "all-MiniLM-L6-v2"
+ComputeDtype = Literal["float32", "bfloat16"]
+# MiniLM on short texts stops getting faster beyond a few threads; more only take cores from the
+# model tiers generating on the same machine.
+MAX_DEFAULT_THREADS = 4
 
 
 def resolve_model_path(model: str) -> Path:
@@ -43,25 +47,36 @@ def resolve_model_path(model: str) -> Path:
 
 
 class SentenceTransformerEmbedder:
-    """``Embedder`` backed by sentence-transformers on CPU: float32, L2-normalised, loaded on first use.
+    """``Embedder`` backed by sentence-transformers on CPU: float32 output, L2-normalised, loaded on first use.
 
     ``embed`` is blocking and CPU-bound (async callers run it in a thread). Calls are serialised:
     on a small CPU two concurrent encodes only contend for the same cores, and a lock keeps the lazy
     load from happening twice.
 
-    ``num_threads`` sets torch's intra-op threads (process-wide, as torch allows nothing finer);
-    ``None`` leaves torch's default (one per core), which measured best here for both single
-    requests and batches.
+    ``num_threads`` sets torch's intra-op threads (process-wide: torch allows nothing finer).
+    ``None`` keeps torch's default (one per core) capped at ``MAX_DEFAULT_THREADS``. On 2 cores, 2
+    threads measured 30% faster per request than 1 on an idle machine, but with a busy neighbour
+    (an LLM generating on the same cores) their tail latency collapsed (p99 > 1 s, vs ~40 ms with 1
+    thread): give a shared machine ``num_threads=1``.
+
+    ``dtype="bfloat16"`` computes in bfloat16 (output still float32, re-normalised): 1.6x faster per
+    request and 1.8x the batch throughput on a CPU with native bf16 (AVX512-BF16/AMX), with cosine
+    >= 0.998 to the float32 vectors; on CPUs without native bf16 it is slower. Vectors stored by one
+    dtype and queried with the other stay comparable.
     """
 
     def __init__(self, model: str = BUNDLED_MINILM, batch_size: int = 64, *,
-                 num_threads: int | None = None, max_seq_length: int | None = None) -> None:
+                 num_threads: int | None = None, dtype: ComputeDtype = "float32",
+                 max_seq_length: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.model_name = model
         self.batch_size = batch_size
+        self.dtype = dtype
         self._num_threads = num_threads
         self._max_seq_length = max_seq_length
         self._model: SentenceTransformer | None = None
@@ -86,9 +101,13 @@ class SentenceTransformerEmbedder:
             assert self._dimension is not None
             if not texts:
                 return np.zeros((0, self._dimension), dtype=np.float32)
-            vectors = model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+            encoded = model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
                                    normalize_embeddings=True, show_progress_bar=False)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors = np.ascontiguousarray(encoded.float().cpu().numpy(), dtype=np.float32)
+        if self.dtype != "float32":
+            # Normalised in low precision; restore unit length in float32 so inner product = cosine.
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
     def _load_locked(self) -> SentenceTransformer:
         if self._model is not None:
@@ -103,8 +122,12 @@ class SentenceTransformerEmbedder:
 
         if self._num_threads is not None:
             torch.set_num_threads(self._num_threads)
+        elif torch.get_num_threads() > MAX_DEFAULT_THREADS:
+            torch.set_num_threads(MAX_DEFAULT_THREADS)
         model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         model.eval()
+        if self.dtype == "bfloat16":
+            model.to(torch.bfloat16)
         if self._max_seq_length is not None:
             model.max_seq_length = self._max_seq_length
         # Renamed in sentence-transformers 6; the old name still exists there, deprecated.

@@ -72,3 +72,11 @@ def test_real_embeddings_retrieve_the_cached_paraphrase(embedder):
 
     assert hits[0].example.id == 1 and hits[0].similarity > 0.7
     assert all(h.example.id != 2 for h in hits)  # the unrelated example stays below 0.5
+
+
+def test_bfloat16_compute_gives_float32_unit_vectors_close_to_float32(embedder):
+    texts = ["How do I reverse a list in Python?", "Janet's ducks lay 16 eggs per day.", "Count the vowels."]
+    low = SentenceTransformerEmbedder(dtype="bfloat16").embed(texts)
+    assert low.dtype == np.float32 and low.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, atol=1e-5)
+    assert (np.sum(low * embedder.embed(texts), axis=1) > 0.99).all()
