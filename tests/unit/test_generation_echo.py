@@ -8,7 +8,7 @@ import pytest
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
 from echolm.generation.echo import EchoGenerator
-from echolm.generation.factory import echo_delay_s, make_generator
+from echolm.generation.factory import make_generator
 from echolm.protocols import Generator
 from echolm.settings import Settings, TierSettings
 
@@ -45,11 +45,8 @@ async def test_echo_delay_and_timeout() -> None:
     assert caught.value.code is ErrorCode.GENERATION_TIMEOUT
 
 
-def test_factory_builds_echo_with_the_delay_from_the_model_name() -> None:
-    tier = TierSettings(name="fake", backend="echo", model="echo@0.25", relative_cost=1.0)
+def test_factory_builds_echo_with_the_tier_s_simulated_latency() -> None:
+    tier = TierSettings(name="fake", backend="echo", model="echo-model", relative_cost=1.0, simulated_latency_s=0.25)
     gen = make_generator(tier, _settings(tier))
-    assert isinstance(gen, EchoGenerator) and gen.model_name == "echo@0.25"
-    assert (echo_delay_s("echo"), echo_delay_s("echo@0.25")) == (0.0, 0.25)
-    with pytest.raises(ValueError, match="delay"):
-        echo_delay_s("echo@soon")
-
+    assert isinstance(gen, EchoGenerator) and gen.model_name == "echo-model"
+    assert gen._delay_s == 0.25  # noqa: SLF001 - the factory's whole job here is to pass it on
