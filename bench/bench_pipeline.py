@@ -43,7 +43,8 @@ def texts(n: int, cache_dir: Path) -> list[str]:
 def embedder_floor(settings: Settings, sample: list[str]) -> float:
     from echolm.retrieval.embedder import SentenceTransformerEmbedder
 
-    embedder = SentenceTransformerEmbedder(settings.embedder_model, batch_size=settings.embed_batch_size)
+    embedder = SentenceTransformerEmbedder(settings.embedder_model, batch_size=settings.embed_batch_size,
+                                           num_threads=settings.embedder_threads, dtype=settings.embedder_dtype)
     embedder.embed(sample[:64])
     started = time.perf_counter()
     for i in range(0, len(sample), settings.stage_batch_size):

@@ -117,7 +117,8 @@ async def import_logs(settings: Settings, path: Path, *, admit: bool = True,
     from echolm.retrieval.embedder import SentenceTransformerEmbedder
 
     report = ImportReport()
-    embedder = SentenceTransformerEmbedder(settings.embedder_model, batch_size=settings.embed_batch_size)
+    embedder = SentenceTransformerEmbedder(settings.embedder_model, batch_size=settings.embed_batch_size,
+                                           num_threads=settings.embedder_threads, dtype=settings.embedder_dtype)
     history = SqlHistoryStore(settings.resolved_database_url)
     await history.start()
     try:

@@ -119,10 +119,14 @@ class Settings(BaseSettings):
     # Embedding and retrieval
     embedder_model: str = Field(default="all-MiniLM-L6-v2", description="bundled name or a local model path")
     embed_batch_size: int = Field(default=64, ge=1, description="texts per embedder call")
+    embedder_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="bfloat16: ~1.5x faster embedding on CPUs with native bf16, cosine >= 0.998"
+    )
+    embedder_threads: int | None = Field(default=None, ge=1, description="torch threads for embedding (1 on machines shared with LLMs)")
     retrieve_top_k: int = Field(default=5, ge=0, description="candidate examples retrieved per request")
     min_similarity: float = Field(default=0.5, ge=-1, le=1, description="candidates below are never used")
-    ivf_min_examples: int = Field(default=200_000, description="switch a tenant's index to IVF above this size")
-    ivf_nprobe: int = Field(default=8, ge=1, description="IVF clusters searched per query")
+    ivf_min_examples: int = Field(default=50_000, description="switch a tenant's index to IVF (~sqrt(N) clusters) above this size")
+    ivf_nprobe: int = Field(default=32, ge=1, description="IVF clusters searched per query (32: top-5 recall 0.996 at 100k)")
     cache_sync_interval_s: float = Field(default=0.5, gt=0, description="how often retrievers poll history")
 
     # Routing (the first, rule-based policy)

@@ -48,7 +48,9 @@ class Services:
             from echolm.retrieval.embedder import SentenceTransformerEmbedder
 
             embedder = SentenceTransformerEmbedder(self.settings.embedder_model,
-                                                   batch_size=self.settings.embed_batch_size)
+                                                   batch_size=self.settings.embed_batch_size,
+                                                   num_threads=self.settings.embedder_threads,
+                                                   dtype=self.settings.embedder_dtype)
             await asyncio.to_thread(embedder.embed, ["warm up"])
             log.info("embedder %s ready (dimension %d)", self.settings.embedder_model, embedder.dimension)
             return embedder
@@ -68,8 +70,7 @@ class Services:
     async def example_cache(self) -> ExampleCache:
         async def build() -> ExampleCache:
             embedder = await self.embedder()
-            cache = ExampleCache(embedder.dimension, ivf_min_examples=self.settings.ivf_min_examples,
-                                 nprobe=self.settings.ivf_nprobe)
+            cache = ExampleCache.from_settings(embedder.dimension, self.settings)
             await cache.sync_from(await self.history())
             log.info("example cache loaded: %d examples", len(cache))
             return cache
