@@ -119,8 +119,8 @@ class Settings(BaseSettings):
     # Embedding and retrieval
     embedder_model: str = Field(default="all-MiniLM-L6-v2", description="bundled name or a local model path")
     embed_batch_size: int = Field(default=64, ge=1, description="texts per embedder call")
-    embedder_dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="bfloat16: ~1.5x faster embedding on CPUs with native bf16, cosine >= 0.998"
+    embedder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto: bfloat16 where the CPU has native bf16 (~1.5x faster, cosine >= 0.998)"
     )
     embedder_threads: int | None = Field(default=None, ge=1, description="torch threads for embedding (1 on machines shared with LLMs)")
     retrieve_top_k: int = Field(default=5, ge=0, description="candidate examples retrieved per request")

@@ -18,6 +18,7 @@ from typing import Any
 
 import faust
 
+from echolm.domain import EchoLMError, ErrorCode
 from echolm.settings import Settings
 from streams import metrics
 from streams.records import InFlightRequest, RequestRecord, ResponseRecord
@@ -30,6 +31,8 @@ from streams.stages import (
     Outgoing,
     RetrieveStage,
     RouteStage,
+    error_response,
+    failure_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ class _Wiring:
     stages: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.decoder = Decoder(self.settings.topics.responses)
+        self.decoder = Decoder(self.settings)
 
     async def warm_up(self, plan: WorkerPlan) -> None:
         for stage in plan.stages:
@@ -158,7 +161,11 @@ class _Wiring:
     def agent(self, topic_name: str, stage_name: str,
               decode: Callable[[str | None, bytes], Any],
               handle: Callable[[list[Any]], Awaitable[list[Outgoing]]], batch_size: int | None = None) -> None:
-        """Adds a batched, at-least-once agent: decode each event, handle the batch, send the outputs."""
+        """Adds a batched, at-least-once agent: decode each event, handle the batch, send the outputs.
+
+        ``decode(key, raw)`` returns a record, a list of failure outputs for an undecodable event
+        (``streams.stages.failure_outputs``), or None to skip the event.
+        """
         self._agent(topic_name, stage_name, decode, handle, batch_size)
 
     def _agent(self, topic_name: str, stage_name: str,
@@ -177,8 +184,8 @@ class _Wiring:
                     decoded = decode(key, event.value)
                     if decoded is None:
                         continue
-                    if isinstance(decoded, Outgoing):
-                        outgoing.append(decoded)
+                    if isinstance(decoded, list):  # failure outputs for an undecodable event
+                        outgoing.extend(decoded)
                         metrics.STAGE_ERRORS.labels(stage_name, "undecodable").inc()
                     else:
                         records.append(decoded)
@@ -199,18 +206,13 @@ class _Wiring:
         except Exception as exc:
             log.exception("stage %s failed on a batch of %d", stage_name, len(records))
             metrics.STAGE_ERRORS.labels(stage_name, "stage_failed").inc(len(records))
-            from echolm.domain import EchoLMError, ErrorCode
-            from streams.stages import error_response
-
             error = EchoLMError(ErrorCode.STAGE_FAILED, f"{stage_name} failed: {type(exc).__name__}: {exc}"[:500])
             out = []
             for record in records:
                 request = record if isinstance(record, RequestRecord) else getattr(record, "request", None)
                 if request is None:  # a ResponseRecord at the log stage: retrying is the log stage's job
                     raise
-                response = error_response(request, stage_name, error)
-                out.append(Outgoing(self.settings.topics.responses, request.request_id,
-                                    response.model_dump_json().encode()))
+                out.extend(failure_outputs(self.settings, error_response(request, stage_name, error)))
             return out
 
     async def _send_all(self, outgoing: list[Outgoing]) -> None:
@@ -256,6 +258,8 @@ class _Wiring:
             outgoing = await stage.process(records)
             for o in outgoing:
                 metrics.ROUTED.labels(o.topic.rsplit(".", 1)[-1]).inc()
+            for record in records:
+                metrics.EXAMPLES_PER_REQUEST.observe(len(record.examples or []))
             return outgoing
 
         self._agent(self.settings.topics.retrieved, "route",
@@ -269,7 +273,12 @@ class _Wiring:
                 return GenerateStage(self.settings, tier, await self.services.generator(tier_name))
 
             stage = await self._stage(f"generate.{tier_name}", build)
-            return await stage.process(records)
+            in_flight = metrics.TIER_IN_FLIGHT.labels(tier_name)
+            in_flight.inc(len(records))
+            try:
+                return await stage.process(records)
+            finally:
+                in_flight.dec(len(records))
 
         # A batch is as large as the tier's concurrency: answers go out as each group finishes, not
         # after a whole stage batch of slow generations.

@@ -86,15 +86,15 @@ class RequestProducer:
 
 
 class ResponseCollector:
-    """Reads the responses topic from the offsets it had when opened, without a consumer group.
+    """Reads the responses topic (or another) from the offsets it had when opened, without a group.
 
     Opening before producing guarantees no response is missed; no group means no rebalance wait
     and nothing to clean up on the broker.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, topic: str | None = None) -> None:
         assert settings.kafka_bootstrap, "no broker configured"
-        self._topic = settings.topics.responses
+        self._topic = topic or settings.topics.responses
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, client_id=f"{settings.kafka_client_id}-collector",
             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",

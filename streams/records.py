@@ -137,6 +137,19 @@ class ResponseRecord(BaseModel):
         return self.error is None
 
 
+class DeadLetterRecord(BaseModel):
+    """Why a request could not be served, kept for operators (its requester got an error response)."""
+
+    v: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    tenant: str
+    stage: str
+    code: ErrorCode
+    reason: str
+    raw_b64: str | None = Field(default=None, description="the undecodable bytes, when that was the problem")
+    at: float = Field(default_factory=time.time)
+
+
 def encode_vector(vector: np.ndarray) -> str:
     return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
 

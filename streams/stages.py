@@ -8,6 +8,7 @@ raises for one bad request: that request becomes an error ``ResponseRecord`` and
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from echolm.protocols import (
 from echolm.retrieval.example_cache import ExampleCache
 from echolm.settings import Settings, TierSettings
 from streams.records import (
+    DeadLetterRecord,
     ErrorInfo,
     ExampleRef,
     InFlightRequest,
@@ -79,13 +81,28 @@ def undecodable_response(key: str | None, raw: bytes, stage: str, problem: str) 
     )
 
 
+def dead_letter(topic: str, response: ResponseRecord, raw: bytes | None = None) -> Outgoing:
+    assert response.error is not None, "only failed requests are dead-lettered"
+    record = DeadLetterRecord(
+        request_id=response.request_id, tenant=response.tenant, stage=response.error.stage,
+        code=response.error.code, reason=response.error.message,
+        raw_b64=base64.b64encode(raw).decode("ascii") if raw is not None else None,
+    )
+    return Outgoing(topic, response.request_id, record.model_dump_json().encode())
+
+
+def failure_outputs(settings: Settings, response: ResponseRecord, raw: bytes | None = None) -> list[Outgoing]:
+    """A failed request: its error response for the requester, and a dead-letter record for operators."""
+    return [_respond(settings, response), dead_letter(settings.topics.dead_letter, response, raw)]
+
+
 class Decoder:
-    """Turns raw topic bytes into records, or into an error response for the requester."""
+    """Turns raw topic bytes into records, or into failure outputs (error response + dead letter)."""
 
-    def __init__(self, topics_responses: str) -> None:
-        self._responses = topics_responses
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
 
-    def request(self, key: str | None, raw: bytes, stage: str) -> RequestRecord | Outgoing:
+    def request(self, key: str | None, raw: bytes, stage: str) -> RequestRecord | list[Outgoing]:
         try:
             return RequestRecord.model_validate_json(raw)
         except ValidationError as exc:
@@ -94,16 +111,15 @@ class Decoder:
             problem = "invalid request: not UTF-8"
         return self._reject(key, raw, stage, problem)
 
-    def in_flight(self, key: str | None, raw: bytes, stage: str) -> InFlightRequest | Outgoing:
+    def in_flight(self, key: str | None, raw: bytes, stage: str) -> InFlightRequest | list[Outgoing]:
         try:
             return InFlightRequest.model_validate_json(raw)
         except (ValidationError, UnicodeDecodeError) as exc:
             return self._reject(key, raw, stage, f"corrupt in-flight record: {exc}"[:500])
 
-    def _reject(self, key: str | None, raw: bytes, stage: str, problem: str) -> Outgoing:
+    def _reject(self, key: str | None, raw: bytes, stage: str, problem: str) -> list[Outgoing]:
         log.warning("rejecting undecodable record key=%s at %s: %s", key, stage, problem)
-        response = undecodable_response(key, raw, stage, problem)
-        return Outgoing(self._responses, response.request_id, response.model_dump_json().encode())
+        return failure_outputs(self._settings, undecodable_response(key, raw, stage, problem), raw)
 
 
 def _respond(settings: Settings, response: ResponseRecord) -> Outgoing:
@@ -125,7 +141,7 @@ class EmbedStage:
             if chars > self._settings.max_prompt_chars:
                 error = EchoLMError(ErrorCode.PROMPT_TOO_LONG,
                                     f"prompt has {chars} characters; the limit is {self._settings.max_prompt_chars}")
-                out.append(_respond(self._settings, error_response(request, self.name, error)))
+                out.extend(failure_outputs(self._settings, error_response(request, self.name, error)))
             else:
                 accepted.append(request)
         if not accepted:
@@ -220,7 +236,11 @@ class GenerateStage:
 
     async def process(self, records: Sequence[InFlightRequest]) -> list[Outgoing]:
         responses = await asyncio.gather(*(self._one(record) for record in records))
-        return [_respond(self._settings, r) for r in responses]
+        out: list[Outgoing] = []
+        for response in responses:
+            out.extend(failure_outputs(self._settings, response) if response.error else
+                       [_respond(self._settings, response)])
+        return out
 
     def _prompt(self, record: InFlightRequest) -> tuple[list[ChatMessage], list[ExampleRef]]:
         messages = record.request.domain_messages()

@@ -21,6 +21,25 @@ if TYPE_CHECKING:
 
 BUNDLED_MINILM = "all-MiniLM-L6-v2"
 ComputeDtype = Literal["float32", "bfloat16"]
+
+
+def native_bf16_available() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16/AMX); elsewhere bf16 is slower."""
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # noqa: SLF001 - no public probe
+    except Exception:
+        return False
+
+
+def resolve_dtype(dtype: str) -> ComputeDtype:
+    """'auto' -> bfloat16 where the CPU has native bf16, else float32."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16_available() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    return dtype  # type: ignore[return-value]
 # MiniLM on short texts stops getting faster beyond a few threads; more only take cores from the
 # model tiers generating on the same machine.
 MAX_DEFAULT_THREADS = 4
@@ -66,17 +85,15 @@ class SentenceTransformerEmbedder:
     """
 
     def __init__(self, model: str = BUNDLED_MINILM, batch_size: int = 64, *,
-                 num_threads: int | None = None, dtype: ComputeDtype = "float32",
+                 num_threads: int | None = None, dtype: str = "float32",
                  max_seq_length: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.model_name = model
         self.batch_size = batch_size
-        self.dtype = dtype
+        self.dtype: ComputeDtype = resolve_dtype(dtype)
         self._num_threads = num_threads
         self._max_seq_length = max_seq_length
         self._model: SentenceTransformer | None = None

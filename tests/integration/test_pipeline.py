@@ -5,6 +5,7 @@ or a real small LLM (the end-to-end test)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from streams.batch import run_batch
 from streams.broker import EmbeddedBroker
 from streams.kafka_io import RequestProducer, ResponseCollector, create_topics
 from streams.local import run_local_batch
+from streams.records import DeadLetterRecord
 from streams.worker import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -200,7 +202,8 @@ def test_garbage_on_the_requests_topic_gets_explicit_errors(tmp_path, broker):
 
     async def scenario():
         await create_topics(settings)
-        async with ResponseCollector(settings) as collector:
+        async with ResponseCollector(settings) as collector, \
+                ResponseCollector(settings, settings.topics.dead_letter) as dead_letters:
             async with RequestProducer(settings) as producer:
                 futures = [
                     await producer.send_raw(b"bad-json", b"{oops"),
@@ -216,15 +219,50 @@ def test_garbage_on_the_requests_topic_gets_explicit_errors(tmp_path, broker):
                 for response in batch:
                     seen[response.request_id] = response
                 if len(seen) >= 4 or time.monotonic() > deadline:
-                    return seen
+                    break
+            letters = {}
+            async for batch in dead_letters.batches():
+                for raw in batch:
+                    letter = DeadLetterRecord.model_validate_json(raw)
+                    letters[letter.request_id] = letter
+                if len(letters) >= 4 or time.monotonic() > deadline:
+                    return seen, letters
 
     worker = WorkerProcess(settings, log_path=tmp_path / "worker.log")
     worker.start()
     try:
-        seen = asyncio.run(scenario())
+        seen, letters = asyncio.run(scenario())
     finally:
         worker.stop()
     assert set(seen) == {"bad-json", "bad-utf8", "bad-shape", "too-long"}
+    # Operators get a dead-letter record for each, with the undecodable bytes kept.
+    assert set(letters) == set(seen)
+    assert base64.b64decode(letters["bad-utf8"].raw_b64) == b"\xff\xfe\x00"
+    assert letters["too-long"].code.value == "prompt_too_long" and letters["too-long"].stage == "embed"
     assert {seen[k].error.code.value for k in ("bad-json", "bad-utf8", "bad-shape")} == {"invalid_request"}
     assert seen["too-long"].error.code.value == "prompt_too_long"
     assert "50000 characters" in seen["too-long"].error.message
+
+
+def test_a_hanging_model_ends_in_a_timeout_error_and_the_pipeline_keeps_moving(tmp_path, broker):
+    hanging = [
+        TierSettings(name="small", backend="echo", model="echo-small", relative_cost=1.0),
+        TierSettings(name="large", backend="echo", model="echo-hangs", relative_cost=3.0, use_examples=False,
+                     timeout_s=0.5, simulated_latency_s=30.0),
+    ]
+    settings = make_settings(tmp_path, broker.bootstrap, tiers=hanging)
+    lines = [batch_line(f"h{i}", f"A question nobody asked before, number {i}.") for i in range(3)]
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    summary = run_local_batch(settings, write_lines(tmp_path / "in.jsonl", lines), out, workers=1, progress=False,
+                              stall_timeout_s=120)
+    assert summary.errors == 3 and summary.logged == 3
+    records = read_output(out)
+    assert {r["error"]["code"] for r in records} == {"generation_timeout"}
+    assert all(r["error"]["stage"] == "generate.large" for r in records)
+    assert time.monotonic() - started < 90  # three 0.5 s timeouts, not three 30 s hangs
+    # The small tier, on the same worker, still answers.
+    small = run_local_batch(settings.model_copy(update={"router_policy": "always-small"}),
+                            write_lines(tmp_path / "in2.jsonl", [batch_line("s", "Still there?")]),
+                            tmp_path / "out2.jsonl", workers=1, progress=False, stall_timeout_s=120)
+    assert small.answered == 1
