@@ -171,7 +171,7 @@ async def _migrate(settings: Settings) -> None:
     from echolm.history.migrate import upgrade
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    await upgrade(settings.resolved_database_url)
+    await upgrade(settings.resolved_database_url, directory=settings.migrations_dir)
 
 
 @app.command()

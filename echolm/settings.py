@@ -82,6 +82,47 @@ class TopicSettings(BaseModel):
         return self.name("feedback")
 
 
+class ReplaySettings(BaseModel):
+    """The replay agent: regenerates weak, much-used examples on the large tier while it is idle."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = Field(default=True, description="run the replay agent in workers that include the 'replay' stage")
+    tier: str | None = Field(default=None, description="tier that regenerates examples (None: the costliest)")
+    interval_s: float = Field(default=10.0, gt=0, description="how often the agent looks for idle capacity")
+    idle_threshold: float = Field(default=0.2, gt=0, description="replay only while the tier's load EMA (busy fraction) is below this")
+    load_window_s: float = Field(default=30.0, gt=0, description="history window of the load estimate")
+    load_half_life_s: float = Field(default=10.0, gt=0, description="half-life of the load EMA")
+    samples: int = Field(default=3, ge=1, le=16, description="answers generated per replay; the judge keeps the best")
+    temperature: float = Field(default=0.7, ge=0, le=2, description="sampling temperature of replay answers")
+    max_tokens: int | None = Field(default=None, ge=1, description="completion limit of replay answers (None: the tier's)")
+    examples_per_round: int = Field(default=4, ge=1, description="examples replayed per round at most")
+    max_rounds: int = Field(default=5, ge=1, le=5, description="replays per cache entry at most (paper: 5)")
+    cost_per_sample: float = Field(default=0.05, ge=0, description="one replay sample's cost in G's normalised units (the cut-off)")
+    gain_smoothing: float = Field(default=0.2, gt=0, le=1, description="EMA factor of the potential gain G(e)")
+    default_quality: float = Field(default=0.5, ge=0, le=1, description="quality of a use without feedback or judge verdict (neutral)")
+    bad_quality_below: float = Field(default=0.45, ge=0, le=1, description="a use below this quality is not a successful offload")
+    settle_after_s: float = Field(default=60.0, ge=0, description="a use waits this long for feedback before it counts")
+    judge: Literal["auto", "llm", "verifier", "heuristic"] = Field(
+        default="auto", description="auto: LLM judge if judge_tier is set, else a verifier where a reference exists, else heuristic"
+    )
+    judge_tier: str | None = Field(default=None, description="tier that judges replay answers pairwise (the LLM judge)")
+    references_path: Path | None = Field(default=None, description="JSONL {prompt, reference, kind: numeric|python} for task verifiers")
+    min_improvement: float = Field(default=0.0, ge=0, description="a new version only if the best answer beats the current one by more")
+
+
+class EvictionSettings(BaseModel):
+    """Utility-aware eviction: a 0/1 knapsack per tenant under a byte and/or row budget."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_bytes: int | None = Field(default=None, ge=0, description="per tenant: prompt + response + embedding bytes kept at most")
+    max_examples: int | None = Field(default=None, ge=0, description="per tenant: active examples kept at most")
+    interval_s: float = Field(default=300.0, gt=0, description="how often the 'evict' stage checks the budgets")
+    decay_per_hour: float = Field(default=0.9, gt=0, le=1, description="decay of the successful-offload value per hour")
+    protect_new_s: float = Field(default=3600.0, ge=0, description="examples younger than this are never evicted")
+
+
 class Settings(BaseSettings):
     """All of EchoLM's configuration. Construct once at the entry point and pass it down."""
 
@@ -94,6 +135,10 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "echolm",
         description="assembled model weights and downloaded data packages (shared by every checkout)",
+    )
+
+    migrations_dir: Path | None = Field(
+        default=None, description="Alembic migrations; unset = migrations/ beside the package (editable install)"
     )
 
     # Kafka
@@ -153,6 +198,10 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port")
     default_tenant: str = Field(default="default", description="tenant of requests that name none")
+
+    # Replay agent and eviction (ECHOLM_REPLAY__..., ECHOLM_EVICTION__...)
+    replay: ReplaySettings = Field(default_factory=ReplaySettings, description="replay agent (ECHOLM_REPLAY__SAMPLES ...)")
+    eviction: EvictionSettings = Field(default_factory=EvictionSettings, description="eviction budgets (ECHOLM_EVICTION__MAX_BYTES ...)")
 
     @field_validator("tiers")
     @classmethod

@@ -47,7 +47,7 @@ async def _batch_with_workers(settings: Settings, input_path: Path, output_path:
     from echolm.history.migrate import upgrade
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    await upgrade(settings.resolved_database_url)
+    await upgrade(settings.resolved_database_url, directory=settings.migrations_dir)
     workers = [WorkerProcess(settings, log_path=settings.data_dir / f"worker-{i}.log") for i in range(n_workers)]
     for worker in workers:
         worker.start()

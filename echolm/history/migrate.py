@@ -45,9 +45,10 @@ def migrations_dir(directory: Path = DEFAULT_MIGRATIONS_DIR) -> Path:
     return directory
 
 
-def alembic_config(database_url: str | None = None) -> Config:
-    """An Alembic config for EchoLM's migrations; ``database_url`` overrides the settings' URL."""
-    directory = migrations_dir()
+def alembic_config(database_url: str | None = None, directory: Path | None = None) -> Config:
+    """An Alembic config for EchoLM's migrations; ``database_url`` overrides the settings' URL,
+    ``directory`` the migrations' location (installs that are not editable: ``ECHOLM_MIGRATIONS_DIR``)."""
+    directory = migrations_dir(directory or DEFAULT_MIGRATIONS_DIR)
     config = Config(str(directory / "alembic.ini"))
     config.set_main_option("script_location", str(directory))
     if database_url is not None:
@@ -63,13 +64,13 @@ def head_revision() -> str:
     return head
 
 
-async def upgrade(database_url: str, revision: str = "head") -> None:
+async def upgrade(database_url: str, revision: str = "head", directory: Path | None = None) -> None:
     """Migrate the database up to ``revision``; creates an SQLite file (and its directory) if missing.
 
     Safe to run from several processes at once: migrators wait for each other (a PostgreSQL
     advisory lock, SQLite's write lock), and later ones find the schema at head already.
     """
-    await _run_command(database_url, "upgrade", revision)
+    await _run_command(database_url, "upgrade", revision, directory)
 
 
 async def downgrade(database_url: str, revision: str) -> None:
@@ -91,8 +92,8 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-async def _run_command(database_url: str, name: str, revision: str) -> None:
-    config = alembic_config(database_url)
+async def _run_command(database_url: str, name: str, revision: str, directory: Path | None = None) -> None:
+    config = alembic_config(database_url, directory)
     ensure_sqlite_directory(database_url)
     engine = make_engine(database_url, statement_timeout_s=MIGRATION_STATEMENT_TIMEOUT_S)
     try:
