@@ -123,6 +123,45 @@ class EvictionSettings(BaseModel):
     protect_new_s: float = Field(default=3600.0, ge=0, description="examples younger than this are never evicted")
 
 
+class LearningSettings(BaseModel):
+    """The quality signal (feedback, the judge) and stage 2 of retrieval (the helpfulness proxy)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    judge_sample_rate: float = Field(default=0.05, ge=0, le=1, description="share of live responses the 'judge' stage judges (stable hash of the request id)")
+    judge_tier: str | None = Field(default=None, description="tier whose model judges pairwise (None: the costliest); judge_model overrides it")
+    judge_model: TierSettings | None = Field(default=None, description="a judge model or endpoint outside the routed tiers (JSON, like a tier)")
+    reference_tier: str | None = Field(default=None, description="tier whose answer offloaded answers are judged against (None: the costliest)")
+    judge_max_tokens: int = Field(default=192, ge=8, description="completion limit of one judge reply")
+    judge_timeout_s: float = Field(default=120.0, gt=0, description="limit for one judge or reference generation")
+    references_path: Path | None = Field(default=None, description="JSONL {prompt, reference, kind: numeric|python[, setup]}: task verifiers for requests with references")
+    selection_threshold: float = Field(default=0.5, ge=-1, le=1, description="stage 2 at cold start: minimum similarity of a kept example (a trained proxy stores its own threshold)")
+    max_examples: int = Field(default=5, ge=0, description="examples kept per request at most (stage 2)")
+    model_poll_interval_s: float = Field(default=10.0, gt=0, description="how often workers look for a newly stored selector or router model")
+    helped_quality: float = Field(default=0.5, ge=0, le=1, description="an outcome at least this good (0.5 = parity with the reference tier) counts as 'the examples helped'")
+
+
+class BanditSettings(BaseModel):
+    """The load-aware contextual bandit router (router_policy=bandit)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    epsilon: float = Field(default=0.05, ge=0, le=1, description="share of requests routed to a random tier (exploration, only below the load threshold)")
+    load_threshold: float | None = Field(default=None, description="load above which costlier tiers are penalised (None: the value stored by `echolm router calibrate`, else 1.0)")
+    lambda0: float = Field(default=1.0, ge=0, description="largest load bias, in utility units per unit of relative cost")
+    gamma: float = Field(default=2.0, gt=0, description="how fast the bias grows past the threshold (tanh slope)")
+    temperature: float = Field(default=0.1, gt=0, description="softmax temperature over the biased scores")
+    policy: Literal["softmax", "argmax"] = Field(default="softmax", description="sample a tier from softmax(S / temperature) (the paper), or serve the top score")
+    uniform_std: float = Field(default=0.1, ge=0, description="scores with a std below this are 'nearly uniform': selective feedback")
+    compare_rate: float = Field(default=0.02, ge=0, le=1, description="share of requests at most that get a second generation for a pairwise comparison")
+    load_tier: str | None = Field(default=None, description="tier whose load EMA drives the bias (None: the costliest)")
+    load_half_life_s: float = Field(default=5.0, gt=0, description="half-life of the per-tier load EMA")
+    load_report_interval_s: float = Field(default=1.0, gt=0, description="how often generate workers publish their backlog")
+    load_stale_after_s: float = Field(default=5.0, gt=0, description="a worker's load report older than this no longer counts")
+    cost_refresh_interval_s: float = Field(default=60.0, gt=0, description="how often route workers re-measure per-tier token costs from the history")
+    seed: int | None = Field(default=None, description="random seed of exploration (None: from the OS)")
+
+
 class Settings(BaseSettings):
     """All of EchoLM's configuration. Construct once at the entry point and pass it down."""
 
@@ -175,8 +214,8 @@ class Settings(BaseSettings):
     cache_sync_interval_s: float = Field(default=0.5, gt=0, description="how often retrievers poll history")
 
     # Routing (the first, rule-based policy)
-    router_policy: Literal["similarity", "always-large", "always-small"] = Field(
-        default="similarity", description="similarity: offload when close examples exist; or a fixed tier"
+    router_policy: Literal["similarity", "always-large", "always-small", "bandit"] = Field(
+        default="similarity", description="similarity: offload when close examples exist; bandit: learned, load-aware (ECHOLM_BANDIT__...); or a fixed tier"
     )
     offload_min_examples: int = Field(default=1, ge=0, description="close examples needed to offload")
     offload_min_similarity: float = Field(default=0.8, ge=-1, le=1, description="what counts as close (cosine)")
@@ -202,6 +241,10 @@ class Settings(BaseSettings):
     # Replay agent and eviction (ECHOLM_REPLAY__..., ECHOLM_EVICTION__...)
     replay: ReplaySettings = Field(default_factory=ReplaySettings, description="replay agent (ECHOLM_REPLAY__SAMPLES ...)")
     eviction: EvictionSettings = Field(default_factory=EvictionSettings, description="eviction budgets (ECHOLM_EVICTION__MAX_BYTES ...)")
+
+    # Quality signal, stage 2 and the bandit router (ECHOLM_LEARNING__..., ECHOLM_BANDIT__...)
+    learning: LearningSettings = Field(default_factory=LearningSettings, description="feedback, judge, stage-2 selection (ECHOLM_LEARNING__JUDGE_SAMPLE_RATE ...)")
+    bandit: BanditSettings = Field(default_factory=BanditSettings, description="bandit router (ECHOLM_BANDIT__EPSILON ...)")
 
     @field_validator("tiers")
     @classmethod

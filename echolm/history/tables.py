@@ -156,3 +156,55 @@ class CacheEventRow(Base):
     example_id: Mapped[int] = mapped_column(Id, ForeignKey("examples.id"))
     tenant: Mapped[str] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+FEEDBACK_KINDS = ("thumbs", "pairwise", "score", "verifier")
+
+
+class FeedbackRow(Base):
+    """One quality signal about a logged response (migration 0002): a user's thumbs up/down, a pairwise
+    preference, a scalar score, or a judge's or verifier's verdict.
+
+    ``quality`` is the signal normalised to [0, 1] for the response of ``request_id`` (on ``tier`` when
+    the request was answered by several tiers); for a pairwise row the other side
+    (``other_request_id`` / ``other_tier``) has quality ``1 - quality``. ``score`` keeps the raw value
+    (+1/-1, the judge's -3..+3, the user's number). ``feedback_id`` makes redelivery harmless.
+    """
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        Index("ix_feedback_request_id", "request_id"),
+        Index("ix_feedback_other_request_id", "other_request_id"),
+        Index("ix_feedback_created_at", "created_at"),
+        CheckConstraint(f"kind IN {FEEDBACK_KINDS!r}", name="kind"),
+        CheckConstraint("quality >= 0 AND quality <= 1", name="quality"),
+    )
+
+    feedback_id: Mapped[str] = mapped_column(String, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String)
+    tenant: Mapped[str] = mapped_column(String)
+    kind: Mapped[str] = mapped_column(String)
+    source: Mapped[str] = mapped_column(String)
+    tier: Mapped[str | None] = mapped_column(String)
+    other_request_id: Mapped[str | None] = mapped_column(String)
+    other_tier: Mapped[str | None] = mapped_column(String)
+    score: Mapped[float] = mapped_column(Double)
+    quality: Mapped[float] = mapped_column(Double)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(PortableJSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class ModelStateRow(Base):
+    """A learned model's state as JSON text (migration 0002): the helpfulness proxy, the router.
+
+    Every save adds a version; workers poll the newest version number and reload when it changes.
+    Plain JSON (never pickle), so a state can be read, diffed and restored by hand.
+    """
+
+    __tablename__ = "model_states"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    state: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(PortableJSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
