@@ -245,6 +245,11 @@ def config(
         typer.echo(f"{env_name:<36} {value:<40} {description}")
 
 
+from echolm import cli_replay  # noqa: E402  (its commands use the helpers above)
+
+cli_replay.register(app)
+
+
 def main() -> None:
     app()
 

@@ -8,7 +8,9 @@ router or admission hook can be tested against them and then run unchanged on th
   supersede);
 - ``HashingEmbedder``: deterministic, L2-normalised bag-of-words vectors, so texts sharing words are
   similar and identical texts identical, across processes and runs;
-- ``StaticRouter``: always picks one tier.
+- ``StaticRouter``: always picks one tier;
+- ``InMemoryExampleStatsStore``: the example usage statistics of the replay agent and eviction, over
+  an ``InMemoryHistoryStore``, with the SQL store's exactly-once settling.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +38,7 @@ class _StoredExample:
     status: str
     parent_id: int | None
     status_changed_at: datetime
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,7 @@ class InMemoryHistoryStore:
         self._next_example_id += 1
         self._examples[example_id] = _StoredExample(
             example=replace(example, id=example_id), source_request_id=source_request_id, embedding=embedding,
-            status="active", parent_id=parent_id, status_changed_at=datetime.now(UTC))
+            status="active", parent_id=parent_id, status_changed_at=datetime.now(UTC), created_at=datetime.now(UTC))
         self._latest_by_source[(example.tenant, source_request_id)] = example_id
         return example_id
 
@@ -228,3 +232,85 @@ class StaticRouter:
     def route(self, context: RoutingContext) -> RouteDecision:
         return RouteDecision(tier=self.tier, score=self.score, reason=f"static:{self.tier}",
                              use_examples=self.use_examples, scores={self.tier: self.score})
+
+
+class InMemoryExampleStatsStore:
+    """``echolm.history.example_stats_store.ExampleStatsStore`` in memory, over an ``InMemoryHistoryStore``.
+
+    Same semantics as ``SqlExampleStatsStore``: usages recorded once per request id, settled once
+    (``fold_usages``), replay rounds counted with ``replayed_stats``.
+    """
+
+    def __init__(self, history: InMemoryHistoryStore) -> None:
+        from echolm.history.example_stats_store import ExampleStats, ExampleUsage
+
+        self._history = history
+        self.usages: dict[str, tuple[ExampleUsage, datetime, datetime | None]] = {}
+        self.stats: dict[int, ExampleStats] = {}
+
+    async def record_usages(self, usages: Sequence[Any]) -> int:
+        new = 0
+        for usage in usages:
+            if usage.example_ids and usage.request_id not in self.usages:
+                self.usages[usage.request_id] = (usage, datetime.now(UTC), None)
+                new += 1
+        return new
+
+    async def settle_usages(self, policy: Any, quality_of: Any, *, settle_after: timedelta,
+                            now: datetime | None = None) -> Any:
+        from echolm.history.example_stats_store import SettleReport, fold_usages
+
+        now = now or datetime.now(UTC)
+        due = sorted(rid for rid, (_, at, settled) in self.usages.items() if settled is None and at <= now - settle_after)
+        if not due:
+            return SettleReport()
+        qualities = dict(await quality_of([self.usages[rid][0] for rid in due]))
+        for rid in due:
+            usage, at, _ = self.usages[rid]
+            self.usages[rid] = (usage, at, now)
+        usages = [self.usages[rid][0] for rid in due]
+        tenants = {i: e.example.tenant for i, e in self._history._examples.items()}
+        changed = fold_usages([(u, qualities.get(u.request_id)) for u in usages], self.stats, tenants, policy, now)
+        self.stats.update(changed)
+        offloads = sum(1 for u in usages if u.offloaded
+                       and qualities.get(u.request_id, policy.default_quality) >= policy.bad_quality_below)
+        return SettleReport(len(usages), len(changed), offloads)
+
+    async def gain_candidates(self, limit: int = 1000) -> list[Any]:
+        active = [s for s in self.stats.values()
+                  if s.uses > 0 and self._history._examples[s.example_id].status == "active"]
+        active.sort(key=lambda s: (-s.gain, -s.uses, s.example_id))
+        return active[:limit]
+
+    async def stats_for(self, example_ids: Sequence[int]) -> dict[int, Any]:
+        return {i: self.stats[i] for i in example_ids if i in self.stats}
+
+    async def mark_replayed(self, example_id: int, new_example_id: int | None, *, score: float | None,
+                            decay_per_hour: float = 0.9, now: datetime | None = None) -> None:
+        from echolm.history.example_stats_store import ExampleStats, replayed_stats
+
+        stored = self._history._examples.get(example_id)
+        if stored is None:
+            raise KeyError(f"no example with id {example_id}")
+        old = self.stats.get(example_id, ExampleStats(example_id, stored.example.tenant))
+        after = replayed_stats(old, new_example_id, score=score, decay_per_hour=decay_per_hour,
+                               now=now or datetime.now(UTC))
+        self.stats[after.example_id] = after
+
+    async def eviction_candidates(self, tenant: str) -> list[Any]:
+        from echolm.history.example_stats_store import EvictionCandidate
+
+        out = []
+        for example_id, stored in sorted(self._history._examples.items()):
+            if stored.example.tenant != tenant or stored.status != "active":
+                continue
+            size = (len(stored.example.prompt.encode()) + len(stored.example.response.encode())
+                    + stored.embedding.nbytes)
+            stats = self.stats.get(example_id)
+            value_at = stats.offload_updated_at if stats and stats.offload_updated_at else stored.created_at
+            out.append(EvictionCandidate(example_id, size, stats.offload_value if stats else 0.0, value_at,
+                                         stored.created_at))
+        return out
+
+    async def tenants(self) -> list[str]:
+        return sorted({e.example.tenant for e in self._history._examples.values() if e.status == "active"})

@@ -2,3 +2,4 @@
 
 Add a line here when you add a stage module (feedback, judge, replay, eviction, ...).
 """
+import streams.replay_stage  # noqa: F401,E402  (example-stats, replay, evict)

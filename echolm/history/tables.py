@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Double,
@@ -156,6 +157,47 @@ class CacheEventRow(Base):
     example_id: Mapped[int] = mapped_column(Id, ForeignKey("examples.id"))
     tenant: Mapped[str] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class ExampleStatsRow(Base):
+    """Usage statistics of one example version (migration 0003): what replay and eviction decide on.
+
+    ``gain`` is G(e), an EMA over uses of (1 - quality) x normalised cost (``policy.replay.GainTracker``);
+    ``uses`` counts uses since the last replay; ``offload_value`` is the number of successful offloads
+    the example enabled, decayed x0.9 per hour, as of ``offload_updated_at``. A replayed example's
+    new version inherits ``offload_value`` and ``replay_rounds`` + 1. No row means never used.
+    """
+
+    __tablename__ = "example_stats"
+    __table_args__ = (Index("ix_example_stats_tenant_gain", "tenant", "gain"),)
+
+    example_id: Mapped[int] = mapped_column(Id, ForeignKey("examples.id"), primary_key=True, autoincrement=False)
+    tenant: Mapped[str] = mapped_column(String)
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    gain: Mapped[float] = mapped_column(Double, default=0.0, server_default=text("0"))
+    offload_value: Mapped[float] = mapped_column(Double, default=0.0, server_default=text("0"))
+    offload_updated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    replay_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_replayed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_replay_score: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class ExampleUsageRow(Base):
+    """One response served with cached examples, recorded once per request id (the processed marker);
+    folded into ``example_stats`` once, when settled (migration 0003)."""
+
+    __tablename__ = "example_usages"
+    __table_args__ = (Index("ix_example_usages_settled_at_recorded_at", "settled_at", "recorded_at"),)
+
+    request_id: Mapped[str] = mapped_column(String, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String)
+    tier: Mapped[str] = mapped_column(String)
+    example_ids: Mapped[list[int]] = mapped_column(PortableJSON)
+    offloaded: Mapped[bool] = mapped_column(Boolean)
+    quality: Mapped[float | None] = mapped_column(Double)
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    settled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 FEEDBACK_KINDS = ("thumbs", "pairwise", "score", "verifier")
