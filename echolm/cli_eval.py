@@ -1,0 +1,71 @@
+"""``echolm eval``: the evaluation harness (docs/evaluation.md) as a command.
+
+Registered in ``echolm/cli.py``; everything heavy is imported inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def eval_command(
+    workloads: Annotated[str, typer.Option(help="comma-separated: gsm8k, mbpp, or a name for --jsonl")] = "gsm8k,mbpp",
+    jsonl: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                               help="JSONL of {prompt, reference[, answer, tests, group]} "
+                                                    "used for workload names other than gsm8k/mbpp")] = None,
+    n_cache: Annotated[int, typer.Option(help="requests in the example-cache part (answered by the large model)")] = 40,
+    n_traffic: Annotated[int, typer.Option(help="traffic requests (Zipf draws, repeats included)")] = 40,
+    examples: Annotated[int, typer.Option("--examples", "-k", help="examples prepended per offloaded request")] = 2,
+    seed: Annotated[int, typer.Option(help="seed of the split, the Zipf draws and random examples")] = 0,
+    limit: Annotated[int | None, typer.Option(help="quick run: at most this many cache and traffic requests")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="generation and verdict cache "
+                                                   "(default ~/.cache/echolm/eval)")] = None,
+    phases: Annotated[str, typer.Option(help="generation phases to run, in priority order")] =
+        "cache,large,small,nearest,random,cache-size,selected",
+    generate: Annotated[bool, typer.Option(help="generate what is missing (--no-generate: report from the cache)")] = True,
+    max_minutes: Annotated[float | None, typer.Option(help="stop starting new phases after this many minutes")] = None,
+    validate: Annotated[int, typer.Option(help="also serve this many requests through the real pipeline to check "
+                                          "the cost model (0: skip)")] = 0,
+    out_dir: Annotated[Path, typer.Option(help="results.json and results.md")] = Path("out/eval"),
+    figures_dir: Annotated[Path, typer.Option(help="PNG figures")] = Path("docs/figures"),
+    docs: Annotated[Path | None, typer.Option(help="markdown file whose results section is rewritten "
+                                              "(--docs '' to skip)")] = Path("docs/evaluation.md"),
+    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+) -> None:
+    """Evaluate EchoLM against always-large, always-small, random/nearest examples, a semantic cache and a
+    RouteLLM-style router on the same traffic; write tables and plots.
+
+    Resumable: every generation is cached on disk (keyed by model, prompt and sampling settings), so an
+    interrupted run continues where it stopped and sweeps never regenerate.
+    """
+    from echolm.evaluation.evaluate import EvalConfig, run_evaluation
+    from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR
+    from echolm.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("sentence_transformers", "httpx", "faiss", "aiokafka", "faust", "mode", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        base = Settings()
+    except Exception as exc:  # pydantic names the bad variable
+        raise typer.BadParameter(str(exc)) from exc
+    config = EvalConfig(
+        workloads=[w.strip() for w in workloads.split(",") if w.strip()], jsonl=jsonl, n_cache=n_cache,
+        n_traffic=n_traffic, k=examples, seed=seed, limit=limit, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
+        phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
+        validate=validate, out_dir=out_dir, figures_dir=figures_dir,
+        docs=docs if docs and str(docs) else None, progress=progress,
+    )
+    results = run_evaluation(config, base)
+    for name, summary in results["workloads"].items():
+        typer.echo(f"\n{name}: {summary['traffic']} requests ({summary['distinct_requests']} distinct), "
+                   f"cache {summary['cache']}")
+        for key, value in summary["targets"].items():
+            typer.echo(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+    typer.echo(json.dumps({"results": str(out_dir / "results.json"), "figures": results["figures"]}))

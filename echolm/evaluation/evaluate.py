@@ -1,0 +1,316 @@
+"""One evaluation run end to end: generate what is missing, score every system, write the report.
+
+``EvalConfig`` holds the knobs of ``echolm eval``; ``run_evaluation`` does the work and returns the
+figures (also written as JSON next to the plots, and as tables into ``docs/evaluation.md`` between the
+``<!-- results:begin -->`` / ``<!-- results:end -->`` markers, so the prose around them stays).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from echolm.evaluation.efficiency import CostModel, CostSample, ValidationPoint, fit_cost_model
+from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache
+from echolm.evaluation.harness import PHASES, WorkloadRun, default_embedder, run_phases
+from echolm.evaluation.quality import VerdictCache
+from echolm.evaluation.report import (
+    ALWAYS_LARGE,
+    ECHOLM_SIMILARITY,
+    ROUTELLM,
+    SEMANTIC_CACHE,
+    SMALL_NEAREST,
+    SystemPoint,
+    WorkloadScorer,
+    cache_size_points,
+    dominance,
+    evaluate_workload,
+    latency_table,
+    operating_point,
+    systems_table,
+    throughput_at_win_rate,
+    tokens_table,
+)
+from echolm.evaluation.workload import Workload, load_workload
+from echolm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RESULTS_BEGIN = "<!-- results:begin -->"
+RESULTS_END = "<!-- results:end -->"
+LATENCY_LOADS = (0.5, 0.9)
+TOKEN_ARMS = ("large", "small", "small+nearest", "small+random", "small+selected")
+
+
+@dataclass
+class EvalConfig:
+    """What ``echolm eval`` runs (see its ``--help`` for each field)."""
+
+    workloads: list[str] = field(default_factory=lambda: ["gsm8k", "mbpp"])
+    jsonl: Path | None = None
+    n_cache: int = 40
+    n_traffic: int = 40
+    k: int = 2
+    seed: int = 0
+    limit: int | None = None
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    generate: bool = True
+    max_minutes: float | None = None
+    generation_timeout_s: float = 900.0
+    validate: int = 0
+    out_dir: Path = Path("out/eval")
+    figures_dir: Path | None = Path("docs/figures")
+    docs: Path | None = Path("docs/evaluation.md")
+    progress: bool = True
+
+
+def eval_settings(base: Settings, timeout_s: float) -> Settings:
+    """The configured tiers with a generous per-call timeout: a generation slowed by a busy machine must
+    finish (a timeout here is a lost measurement, not a served request)."""
+    tiers = [tier.model_copy(update={"timeout_s": max(tier.timeout_s, timeout_s)}) for tier in base.tiers]
+    return base.model_copy(update={"tiers": tiers})
+
+
+def _workloads(config: EvalConfig, settings: Settings) -> list[Workload]:
+    loaded = []
+    for name in config.workloads:
+        workload = load_workload(name, settings.model_cache_dir, n_cache=config.n_cache, n_traffic=config.n_traffic,
+                                 seed=config.seed, jsonl=config.jsonl if name not in ("gsm8k", "mbpp") else None)
+        loaded.append(workload.limited(config.limit))
+    return loaded
+
+
+def measured_costs(cache: GenerationCache, settings: Settings, overhead_s: float) -> CostModel:
+    """The per-tier cost model fitted on every generation stored for the configured tiers' models."""
+    tier_of = {tier.model: tier.name for tier in settings.tiers}
+    samples = [CostSample(tier_of[model], p, c, s) for model, p, c, s, _ in cache.measured() if model in tier_of]
+    return fit_cost_model(samples, retrieval_overhead_s=overhead_s)
+
+
+def _stage2_selector(settings: Settings) -> Any:
+    """Stage 2 from ``echolm.selection`` when that module offers ``eval_selector(settings)``; else None.
+
+    The hook: a callable (item, candidates [(cache index, similarity)], examples) -> chosen indices.
+    """
+    try:
+        from echolm import selection  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    factory = getattr(selection, "eval_selector", None)
+    return factory(settings) if callable(factory) else None
+
+
+def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str, Any]:
+    """Generate (unless ``config.generate`` is off), score, plot and report; returns the figures."""
+    settings = eval_settings(base or Settings(), config.generation_timeout_s)
+    cache = GenerationCache(config.cache_dir)
+    verdicts = VerdictCache(config.cache_dir)
+    embedder = default_embedder(settings)
+    selector = _stage2_selector(settings)
+    runs = []
+    for workload in _workloads(config, settings):
+        run = WorkloadRun.build(workload, settings, cache, embedder, k=config.k, seed=config.seed)
+        run.selector = selector
+        runs.append(run)
+    started = time.monotonic()
+    if config.generate:
+        deadline = started + 60 * config.max_minutes if config.max_minutes else None
+        run_phases(runs, settings, cache, phases=config.phases, deadline=deadline, progress=config.progress)
+    generation_wall_s = time.monotonic() - started
+
+    overhead = sum(r.embed_seconds_per_request for r in runs) / len(runs)
+    costs = measured_costs(cache, settings, overhead)
+    results: dict[str, Any] = {"config": _config_dict(config), "machine": machine_description(),
+                               "cost_model": {t: vars_of(m) for t, m in costs.tiers.items()},
+                               "retrieval_overhead_s": overhead, "generation_wall_s_this_run": generation_wall_s,
+                               "generations_cached": len(cache), "workloads": {}}
+    sections = []
+    pareto: dict[str, dict[str, list[SystemPoint]]] = {}
+    sizes: dict[str, list[tuple[int, SystemPoint]]] = {}
+    for run in runs:
+        scorer = WorkloadScorer(run, verdicts, costs)
+        systems = evaluate_workload(scorer)
+        pareto[run.workload.name] = systems
+        sizes[run.workload.name] = cache_size_points(scorer)
+        results["workloads"][run.workload.name] = workload_summary(run, systems, sizes[run.workload.name])
+        sections.append(workload_section(run, scorer, systems, sizes[run.workload.name]))
+    if config.validate > 0:
+        results["validation"] = [vars_of(v) for v in _validate(config, settings, runs, costs, pareto)]
+    figures = _plots(config, pareto, sizes, runs)
+    results["figures"] = [str(f) for f in figures]
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    markdown = render_results(results, sections, costs)
+    (config.out_dir / "results.md").write_text(markdown)
+    if config.docs is not None:
+        write_results_section(config.docs, markdown)
+    cache.close()
+    verdicts.close()
+    return results
+
+
+def _validate(config: EvalConfig, settings: Settings, runs: list[WorkloadRun], costs: CostModel,
+              pareto: dict[str, dict[str, list[SystemPoint]]]) -> list[ValidationPoint]:
+    from echolm.evaluation.systems import Choice
+    from echolm.evaluation.validation import validate_system
+
+    run = runs[0]
+    items = run.workload.unique_traffic[:config.validate]
+    points = [validate_system(settings, run, costs, ALWAYS_LARGE, {i.id: Choice(arm="large") for i in items}, items,
+                              config.out_dir / "validation", policy="always-large", threshold=None)]
+    echolm_points = pareto[run.workload.name].get(ECHOLM_SIMILARITY)
+    if echolm_points:
+        chosen = operating_point(echolm_points)
+        threshold = chosen.knob_value if chosen.knob_value is not None else 0.0
+        choices = {i.id: Choice(arm="small+nearest") if run.table.best(i.id)[1] >= threshold else Choice(arm="large")
+                   for i in items}
+        points.append(validate_system(settings, run, costs, ECHOLM_SIMILARITY, choices, items,
+                                      config.out_dir / "validation", policy="similarity", threshold=threshold))
+    return points
+
+
+def _plots(config: EvalConfig, pareto: dict[str, dict[str, list[SystemPoint]]],
+           sizes: dict[str, list[tuple[int, SystemPoint]]], runs: list[WorkloadRun]) -> list[Path]:
+    from echolm.evaluation.plots import cache_size_plot, pareto_plot
+
+    directory = config.figures_dir or config.out_dir
+    figures = []
+    for name, systems in pareto.items():
+        max_ratio = max(p.throughput_ratio for points in systems.values() for p in points
+                        if p.cache_hit_share < 0.999)
+        figures.append(pareto_plot(systems, directory / f"pareto_{name}.png",
+                                   title=f"{name}: win rate vs throughput (n={runs_by(runs, name)})",
+                                   max_ratio=max(2.0, min(max_ratio * 1.15, 6.0))))
+    n_cache = {run.workload.name: len(run.workload.cache) for run in runs}
+    figures.append(cache_size_plot({k: v for k, v in sizes.items() if v}, n_cache, directory / "cache_size.png",
+                                   title="small model + nearest examples: win rate vs cache size"))
+    return figures
+
+
+def runs_by(runs: list[WorkloadRun], name: str) -> str:
+    run = next(r for r in runs if r.workload.name == name)
+    return f"{len(run.workload.traffic)} requests, {len(run.workload.unique_traffic)} distinct"
+
+
+def vars_of(value: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(value) if is_dataclass(value) else dict(value)
+
+
+def _config_dict(config: EvalConfig) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()}
+
+
+def machine_description() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
+                     sizes: list[tuple[int, SystemPoint]]) -> dict[str, Any]:
+    """The figures the targets are read from, plus every point of every system."""
+    summary: dict[str, Any] = {
+        "description": run.workload.description, "traffic": len(run.workload.traffic),
+        "distinct_requests": len(run.workload.unique_traffic), "cache": len(run.workload.cache),
+        "systems": {name: [p.as_dict() for p in points] for name, points in systems.items()},
+        "cache_size": [{"size": size, **p.as_dict()} for size, p in sizes],
+    }
+    targets: dict[str, Any] = {}
+    small = systems.get("always-small")
+    nearest = systems.get(SMALL_NEAREST)
+    if small and nearest:
+        targets["small_win_rate_lift_points"] = 100 * (nearest[0].win_rate - small[0].win_rate)
+    for name in (ECHOLM_SIMILARITY, "EchoLM (stage 1 + learned router)", "EchoLM (stage 2 + learned router)"):
+        if name in systems:
+            best = throughput_at_win_rate(systems[name], 0.5)
+            targets[f"{name}: throughput at win rate >= 0.5"] = best.throughput_ratio if best else None
+            for other in (SEMANTIC_CACHE, ROUTELLM):
+                if other in systems:
+                    met, total = dominance(systems[name], systems[other])
+                    targets[f"{name} matches or beats {other} frontier points"] = f"{met}/{total}"
+    summary["targets"] = targets
+    return summary
+
+
+def workload_section(run: WorkloadRun, scorer: WorkloadScorer, systems: dict[str, list[SystemPoint]],
+                     sizes: list[tuple[int, SystemPoint]]) -> str:
+    w = run.workload
+    lines = [f"### {w.name}", "", f"{w.description}. {len(w.traffic)} requests ({len(w.unique_traffic)} distinct); "
+             f"verifier: {w.verifier}; max_tokens {w.max_tokens}; examples per offloaded request k = {run.k}.", "",
+             "**Systems** (each at its operating point: the fastest knob setting with win rate >= 0.5, else its "
+             "best win rate; the 95% interval is Wilson's on the win rate over requests):", "",
+             systems_table(systems, len(w.unique_traffic)), "",
+             "**Tokens and seconds per arm** (distinct requests; measured = wall seconds of the generation call, "
+             "modelled = the cost model on the same token counts):", "",
+             tokens_table(scorer, TOKEN_ARMS), "",
+             "**Latency at fixed loads** (derived: FIFO single-server queue, Poisson arrivals, service times = "
+             "the system's modelled per-request costs):", "", latency_table(systems, LATENCY_LOADS), ""]
+    if sizes:
+        lines += ["**Cache size** (stage 1, small model + nearest examples, always offloaded):", "",
+                  "| cache entries | share of cache part | accuracy | win rate vs large |", "|---|---|---|---|"]
+        for size, p in sizes:
+            lines.append(f"| {size} | {100 * size / len(w.cache):.1f}% | {100 * p.accuracy:.1f}% | {p.win_rate:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_results(results: dict[str, Any], sections: list[str], costs: CostModel) -> str:
+    lines = [RESULTS_BEGIN, "", f"_Generated by `echolm eval` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"machine: {results['machine']}; {results['generations_cached']} generations in the cache._", "",
+             "#### Cost model (fitted on every measured generation)", "",
+             "| tier | prefill tok/s | decode tok/s | intercept s | samples (outliers dropped) | median abs. error |",
+             "|---|---|---|---|---|---|"]
+    for tier, model in costs.tiers.items():
+        lines.append(f"| {tier} | {model.prefill_tokens_per_s:.0f} | {model.decode_tokens_per_s:.1f} | "
+                     f"{model.intercept_s:.2f} | {model.samples} ({model.dropped}) | "
+                     f"{100 * model.median_abs_rel_error:.0f}% |")
+    lines += ["", f"Retrieval overhead (MiniLM embedding, measured here): {1000 * costs.retrieval_overhead_s:.0f} ms "
+              "per request.", ""]
+    if results.get("validation"):
+        lines += ["#### Cost model vs the real pipeline at saturation", "",
+                  "| system | requests | measured s | predicted s | measured req/s | predicted req/s | error | "
+                  "same answers | tiers |", "|---|---|---|---|---|---|---|---|---|"]
+        for v in results["validation"]:
+            error = v["predicted_rps"] / v["measured_rps"] - 1
+            lines.append(f"| {v['system']} | {v['requests']} | {v['measured_s']:.1f} | {v['predicted_s']:.1f} | "
+                         f"{v['measured_rps']:.4f} | {v['predicted_rps']:.4f} | {100 * error:+.0f}% | "
+                         f"{v['same_answers']}/{v['requests']} | {v['by_tier']} |")
+        lines.append("")
+    lines += ["#### Targets", ""]
+    for name, summary in results["workloads"].items():
+        for key, value in summary["targets"].items():
+            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+            lines.append(f"- {name}: {key}: **{shown}**")
+    lines.append("")
+    lines += sections
+    lines.append(RESULTS_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_results_section(path: Path, markdown: str) -> None:
+    """Replace the text between the results markers in ``path`` (appended if the markers are missing)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Evaluation\n\n"
+    if RESULTS_BEGIN in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        _, tail = rest.split(RESULTS_END, 1)
+        text = head + markdown.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + markdown
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,211 @@
+"""Generations on disk, so that sweeps and re-runs never regenerate (issue: "generation results are cached").
+
+A generation is keyed by the model, the exact prompt messages and the sampling settings; the value is
+the text with what it cost (prompt and completion tokens, seconds, the machine's load average while it
+ran). The store is one SQLite file (``generations.sqlite`` in the cache directory): safe to share
+between processes, and a killed run loses at most the generation in flight.
+
+``generate_missing`` runs the jobs that are not cached yet, one at a time through the project's
+``Generator`` adapters (``echolm.generation.factory.make_generator``: the same code path as the
+pipeline's generate stage), with a progress bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
+from echolm.settings import Settings, TierSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "echolm" / "eval"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS generations (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    params TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    finish_reason TEXT NOT NULL,
+    latency_s REAL NOT NULL,
+    load_avg REAL,
+    error TEXT,
+    created_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationJob:
+    """One generation to have: which tier answers which messages with which sampling settings."""
+
+    tier: str
+    model: str
+    messages: tuple[ChatMessage, ...]
+    params: GenerationParams
+
+    @property
+    def key(self) -> str:
+        return generation_key(self.model, self.messages, self.params)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedGeneration:
+    """A stored generation. ``error`` is set (and ``text`` empty) when the model call failed for good."""
+
+    key: str
+    model: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    latency_s: float
+    load_avg: float | None
+    error: str | None
+
+
+def generation_key(model: str, messages: Sequence[ChatMessage], params: GenerationParams) -> str:
+    """sha256 over the model name, the messages and every sampling setting (canonical JSON)."""
+    payload = {
+        "model": model,
+        "messages": [[m.role, m.content] for m in messages],
+        "params": {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                   "stop": list(params.stop), "seed": params.seed},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+class GenerationCache:
+    """The on-disk store of generations (SQLite, WAL mode, one row per key)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "generations.sqlite"
+        self._db = sqlite3.connect(self.path, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+
+    def get(self, key: str) -> CachedGeneration | None:
+        row = self._db.execute(
+            "SELECT key, model, text, prompt_tokens, completion_tokens, finish_reason, latency_s, load_avg, error "
+            "FROM generations WHERE key = ?", (key,)).fetchone()
+        return CachedGeneration(*row) if row else None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, CachedGeneration]:
+        found = {}
+        for key in dict.fromkeys(keys):
+            hit = self.get(key)
+            if hit is not None:
+                found[key] = hit
+        return found
+
+    def put(self, job: GenerationJob, result: CachedGeneration) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.key, job.model, json.dumps([[m.role, m.content] for m in job.messages], ensure_ascii=False),
+             json.dumps({"max_tokens": job.params.max_tokens, "temperature": job.params.temperature}),
+             result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason, result.latency_s,
+             result.load_avg, result.error, time.time()))
+        self._db.commit()
+
+    def measured(self) -> list[tuple[str, int, int, float, float | None]]:
+        """(model, prompt tokens, completion tokens, seconds, load average) of every successful generation."""
+        rows = self._db.execute("SELECT model, prompt_tokens, completion_tokens, latency_s, load_avg FROM generations "
+                                "WHERE error IS NULL ORDER BY created_at").fetchall()
+        return [(str(m), int(p), int(c), float(s), None if la is None else float(la)) for m, p, c, s, la in rows]
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM generations").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def missing_jobs(jobs: Iterable[GenerationJob], cache: GenerationCache) -> list[GenerationJob]:
+    """Jobs (deduplicated, order kept) whose key is not in the cache."""
+    unique = {job.key: job for job in jobs}
+    return [job for key, job in unique.items() if cache.get(key) is None]
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+async def _generate_all(jobs: Sequence[GenerationJob], tiers: dict[str, TierSettings], settings: Settings,
+                        cache: GenerationCache, on_done: Callable[[GenerationJob, CachedGeneration], None]) -> None:
+    from echolm.generation.factory import make_generator
+
+    generators = {}
+    try:
+        for job in jobs:
+            if job.tier not in generators:
+                generators[job.tier] = make_generator(tiers[job.tier], settings)
+            generator = generators[job.tier]
+            load = _load_average()
+            try:
+                result = await generator.generate(list(job.messages), job.params, request_id=job.key[:16])
+            except EchoLMError as error:
+                if error.code is ErrorCode.GENERATION_TIMEOUT:
+                    # Usually a busy machine, not the request: not stored, so the next run retries it.
+                    log.warning("generation timed out (%s); not cached: %s", job.tier, error.message)
+                    continue
+                # Kept as a failed answer (it scores as wrong), so a hopeless request is not retried forever.
+                stored = CachedGeneration(job.key, job.model, "", 0, 0, "error", tiers[job.tier].timeout_s,
+                                          load, f"{error.code.value}: {error.message}"[:500])
+            else:
+                stored = CachedGeneration(job.key, job.model, result.text, result.prompt_tokens,
+                                          result.completion_tokens, result.finish_reason, result.latency_s, load,
+                                          None)
+            cache.put(job, stored)
+            on_done(job, stored)
+    finally:
+        for generator in generators.values():
+            await generator.aclose()
+
+
+def generate_missing(jobs: Sequence[GenerationJob], settings: Settings, cache: GenerationCache, *,
+                     progress: bool = True, description: str = "generating") -> int:
+    """Generate every job not yet cached, one at a time (clean per-request costs); returns how many ran."""
+    todo = missing_jobs(jobs, cache)
+    if not todo:
+        return 0
+    tiers = {tier.name: tier for tier in settings.tiers}
+    unknown = {job.tier for job in todo} - set(tiers)
+    if unknown:
+        raise ValueError(f"jobs name unknown tiers {sorted(unknown)}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=description, unit="gen", dynamic_ncols=True)
+
+    def on_done(job: GenerationJob, stored: CachedGeneration) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{job.tier} {stored.completion_tokens} tok {stored.latency_s:.1f}s")
+            bar.update(1)
+        if stored.error:
+            log.warning("generation failed (%s): %s", job.tier, stored.error)
+
+    try:
+        asyncio.run(_generate_all(todo, tiers, settings, cache, on_done))
+    finally:
+        if bar is not None:
+            bar.close()
+    return len(todo)

@@ -1,0 +1,197 @@
+"""Orchestration of an evaluation run: workloads, similarity tables, and the generation phases.
+
+Generation runs in **phases of decreasing priority**, each over every workload, so that a run stopped
+early (or given a ``--max-minutes`` budget) still has the most important arms for all data sets:
+
+1. ``cache``: the large model answers the cache part (this seeds the example cache);
+2. ``large``, ``small``: the traffic on each tier alone;
+3. ``nearest``, ``random``: the small tier with stage 1's nearest examples, and with random ones;
+4. ``cache-size``: stage 1 on smaller caches (prefixes of the cache part);
+5. ``selected``: stage 2's selection, when ``echolm.selection`` provides one.
+
+Every generation lands in the ``GenerationCache`` first, so phases already done cost nothing on a re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from echolm.datasets import TaskItem
+from echolm.domain import Example
+from echolm.evaluation.generation_cache import CachedGeneration, GenerationCache, GenerationJob, generate_missing
+from echolm.evaluation.systems import Arm, ArmFactory, SimilarityTable, cache_examples, job_for
+from echolm.evaluation.workload import Workload
+from echolm.protocols import Embedder
+from echolm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected")
+# Cache sizes of the sweep, as fractions of the cache part, in the order they are generated.
+CACHE_SIZE_FRACTIONS = (0.5, 0.1, 0.25, 0.01)
+
+
+def cache_sizes(n_cache: int, fractions: Sequence[float] = CACHE_SIZE_FRACTIONS) -> list[int]:
+    """Distinct cache sizes (at least 1 entry, below the full cache) for the given fractions, in order."""
+    sizes: list[int] = []
+    for fraction in fractions:
+        size = max(1, round(fraction * n_cache))
+        if size < n_cache and size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+class MissingGenerations(RuntimeError):
+    """A result needs generations that are not in the cache yet (run the generation phases first)."""
+
+
+@dataclass
+class WorkloadRun:
+    """One workload with its similarity table, example cache and arms; builds the jobs of each phase."""
+
+    workload: Workload
+    settings: Settings
+    cache: GenerationCache
+    table: SimilarityTable
+    k: int
+    seed: int
+    embed_seconds_per_request: float
+    vectors: dict[str, np.ndarray]
+    selector: Callable[[TaskItem, list[tuple[int, float]], list[Example]], tuple[int, ...]] | None = None
+    _examples: list[Example] | None = field(default=None, init=False)
+
+    @classmethod
+    def build(cls, workload: Workload, settings: Settings, cache: GenerationCache, embedder: Embedder, *,
+              k: int, seed: int) -> WorkloadRun:
+        requests = workload.unique_traffic
+        started = time.perf_counter()
+        request_vectors = embedder.embed([item.prompt for item in requests])
+        per_request = (time.perf_counter() - started) / max(1, len(requests))
+        cache_vectors = embedder.embed([item.prompt for item in workload.cache])
+        ids = [item.id for item in requests] + [f"cache:{item.id}" for item in workload.cache]
+        table = SimilarityTable(ids, np.vstack([request_vectors, cache_vectors]), cache_vectors)
+        vectors = {item.id: vector for item, vector in zip(requests, request_vectors, strict=True)}
+        return cls(workload, settings, cache, table, k, seed, per_request, vectors)
+
+    def request_vectors(self, request_ids: Sequence[str]) -> np.ndarray:
+        """The traffic requests' embeddings, stacked in the given order."""
+        return np.vstack([self.vectors[rid] for rid in request_ids])
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, str]:
+        return {tier.name: tier.model for tier in self.settings.tiers}
+
+    @property
+    def arms(self) -> ArmFactory:
+        return ArmFactory(self.table, len(self.workload.cache), self.k, self.seed)
+
+    def job(self, item: TaskItem, arm: Arm, *, as_cache_entry: bool = False) -> GenerationJob:
+        examples = self.examples() if arm.examples else []
+        row_item = item
+        if as_cache_entry:
+            row_item = TaskItem(f"cache:{item.id}", item.group, item.prompt, item.reference, item.answer, item.tests,
+                                item.language)
+        job = job_for(row_item, arm, examples=examples, table=self.table, models=self.models,
+                      max_tokens=self.workload.max_tokens, temperature=self.settings.temperature,
+                      budget_chars=self.settings.max_examples_prompt_chars)
+        return job
+
+    def cache_jobs(self) -> list[GenerationJob]:
+        return [self.job(item, self.arms.large(), as_cache_entry=True) for item in self.workload.cache]
+
+    def examples(self) -> list[Example]:
+        """The example cache: the cache part with the large model's answers (needs phase ``cache``)."""
+        if self._examples is None:
+            jobs = self.cache_jobs()
+            found = self.cache.get_many(job.key for job in jobs)
+            missing = [job for job in jobs if job.key not in found]
+            if missing:
+                raise MissingGenerations(f"{self.workload.name}: {len(missing)} cache answers are not generated yet")
+            self._examples = cache_examples(self.workload.cache, [found[job.key].text for job in jobs],
+                                            self.models["large"])
+        return self._examples
+
+    def arm_for(self, item: TaskItem, arm_name: str) -> Arm:
+        """The arm called ``arm_name`` for ``item`` (``small+nearest@n`` names a cache size)."""
+        factory = self.arms
+        if arm_name == "large":
+            return factory.large()
+        if arm_name == "small":
+            return factory.small()
+        if arm_name == "small+nearest":
+            return factory.nearest(item.id)
+        if arm_name.startswith("small+nearest@"):
+            return factory.nearest(item.id, int(arm_name.rsplit("@", 1)[1]))
+        if arm_name == "small+random":
+            return factory.random(item.id)
+        if arm_name == "small+selected":
+            if self.selector is None:
+                raise MissingGenerations("no stage 2 selector is available")
+            candidates = self.table.nearest(item.id, self.settings.retrieve_top_k)
+            return Arm("small+selected", "small", self.selector(item, candidates, self.examples()))
+        raise ValueError(f"unknown arm {arm_name!r}")
+
+    def arm_names(self, phase: str) -> list[str]:
+        if phase in ("large", "small"):
+            return [phase]
+        if phase == "nearest":
+            return ["small+nearest"]
+        if phase == "random":
+            return ["small+random"]
+        if phase == "cache-size":
+            return [f"small+nearest@{n}" for n in cache_sizes(len(self.workload.cache))]
+        if phase == "selected":
+            return ["small+selected"] if self.selector is not None else []
+        raise ValueError(f"unknown phase {phase!r}")
+
+    def phase_jobs(self, phase: str) -> list[GenerationJob]:
+        if phase == "cache":
+            return self.cache_jobs()
+        jobs = []
+        for arm_name in self.arm_names(phase):
+            jobs.extend(self.job(item, self.arm_for(item, arm_name)) for item in self.workload.unique_traffic)
+        return jobs
+
+    def generation(self, item: TaskItem, arm: Arm) -> CachedGeneration:
+        job = self.job(item, arm)
+        found = self.cache.get(job.key)
+        if found is None:
+            raise MissingGenerations(f"{self.workload.name}: {item.id} on {arm.name} is not generated yet")
+        return found
+
+
+def run_phases(runs: Sequence[WorkloadRun], settings: Settings, cache: GenerationCache, *,
+               phases: Sequence[str] = PHASES, deadline: float | None = None, progress: bool = True) -> list[str]:
+    """Generate the phases in order over every workload; stop before a phase once ``deadline``
+    (``time.monotonic()``) has passed. Returns the phases completed."""
+    done = []
+    for phase in phases:
+        for run in runs:
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("time budget spent: stopping before phase %s of %s", phase, run.workload.name)
+                return done
+            jobs = run.phase_jobs(phase)
+            ran = generate_missing(jobs, settings, cache, progress=progress,
+                                   description=f"{run.workload.name}:{phase}")
+            log.info("%s %s: %d jobs, %d generated now", run.workload.name, phase, len(jobs), ran)
+        done.append(phase)
+    return done
+
+
+def default_embedder(settings: Settings) -> Embedder:
+    """MiniLM as the pipeline uses it, with one torch thread (the models generate on the same cores)."""
+    from echolm.retrieval.embedder import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(settings.embedder_model, batch_size=settings.embed_batch_size, num_threads=1,
+                                       dtype=settings.embedder_dtype)
+
+
+def results_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir)

@@ -1,0 +1,333 @@
+"""Scoring every system on the same traffic, and the tables of ``docs/evaluation.md``.
+
+``WorkloadScorer`` turns a workload's generations into per-request results (answer, verdict, outcome
+against the large model, tokens, measured and modelled seconds) and evaluates each system's choices;
+``evaluate_workload`` runs every system and its knob sweep; ``render_results`` writes the markdown.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from echolm.datasets import TaskItem
+from echolm.evaluation.efficiency import CostModel, latency_percentiles, saturation_throughput
+from echolm.evaluation.harness import MissingGenerations, WorkloadRun
+from echolm.evaluation.quality import VerdictCache, pass_fail_outcome, wilson_interval, win_rate_of
+from echolm.evaluation.systems import Choice, similarity_weighted_scores, sweep_thresholds, threshold_choices
+
+ALWAYS_LARGE = "always-large"
+ALWAYS_SMALL = "always-small"
+SMALL_RANDOM = "small + random examples"
+SMALL_NEAREST = "small + nearest examples (stage 1)"
+ECHOLM_SIMILARITY = "EchoLM (stage 1 + similarity router)"
+ECHOLM_LEARNED = "EchoLM (stage 1 + learned router)"
+ECHOLM_FULL = "EchoLM (stage 2 + learned router)"
+SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
+ROUTELLM = "RouteLLM-style router (no examples)"
+TARGET_WIN_RATE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    """One request served one way."""
+
+    request_id: str
+    arm: str
+    tier: str
+    passed: bool
+    prompt_tokens: int
+    completion_tokens: int
+    measured_s: float
+    cost_s: float
+    examples: int = 0
+
+
+@dataclass
+class SystemPoint:
+    """A system at one knob setting, over the whole traffic (repeats included)."""
+
+    workload: str
+    system: str
+    knob: str
+    knob_value: float | None
+    requests: int
+    accuracy: float
+    win_rate: float
+    wins: int
+    ties: int
+    losses: int
+    throughput_rps: float
+    throughput_ratio: float
+    measured_throughput_ratio: float
+    small_share: float
+    cache_hit_share: float
+    mean_cost_s: float
+    tokens: dict[str, dict[str, float]] = field(default_factory=dict)
+    service_times: list[float] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data.pop("service_times")
+        return data
+
+
+class WorkloadScorer:
+    """Per-request results of one workload from its generations, verdicts and the cost model."""
+
+    def __init__(self, run: WorkloadRun, verdicts: VerdictCache, costs: CostModel) -> None:
+        self.run = run
+        self.verdicts = verdicts
+        self.costs = costs
+        self.items = {item.id: item for item in run.workload.unique_traffic}
+        self.counts = Counter(item.id for item in run.workload.traffic)
+        self._memo: dict[tuple[str, str], RequestResult] = {}
+
+    def arm_result(self, item: TaskItem, arm_name: str) -> RequestResult:
+        key = (item.id, arm_name)
+        if key not in self._memo:
+            arm = self.run.arm_for(item, arm_name)
+            generated = self.run.generation(item, arm)
+            verdict = self.verdicts.verify(item, generated.text, self.run.workload.verifier)
+            cost = self.costs.seconds(arm.tier, generated.prompt_tokens, generated.completion_tokens)
+            self._memo[key] = RequestResult(item.id, arm_name, arm.tier, verdict.passed, generated.prompt_tokens,
+                                            generated.completion_tokens, generated.latency_s, cost, len(arm.examples))
+        return self._memo[key]
+
+    def cached_result(self, item: TaskItem, index: int) -> RequestResult:
+        """The semantic cache returning cache entry ``index``'s large-model answer verbatim."""
+        key = (item.id, f"cache#{index}")
+        if key not in self._memo:
+            answer = self.run.examples()[index].response
+            verdict = self.verdicts.verify(item, answer, self.run.workload.verifier)
+            overhead = self.costs.retrieval_overhead_s
+            self._memo[key] = RequestResult(item.id, key[1], "cache", verdict.passed, 0, 0, overhead, overhead)
+        return self._memo[key]
+
+    def result(self, item: TaskItem, choice: Choice) -> RequestResult:
+        if choice.cached_index is not None:
+            return self.cached_result(item, choice.cached_index)
+        assert choice.arm is not None
+        return self.arm_result(item, choice.arm)
+
+    def available(self, arm_name: str) -> bool:
+        try:
+            for item in self.items.values():
+                self.arm_result(item, arm_name)
+        except MissingGenerations:
+            return False
+        return True
+
+    def evaluate(self, system: str, choices: dict[str, Choice], *, knob: str = "", knob_value: float | None = None,
+                 uses_retrieval: bool = True) -> SystemPoint:
+        large_total = sum(self.arm_result(self.items[r], "large").cost_s * n for r, n in self.counts.items())
+        large_measured = sum(self.arm_result(self.items[r], "large").measured_s * n for r, n in self.counts.items())
+        overhead = self.costs.retrieval_overhead_s if uses_retrieval else 0.0
+        outcomes, passed, service, measured = [], [], [], []
+        tokens: dict[str, dict[str, float]] = {}
+        small = hits = 0
+        for item in self.run.workload.traffic:
+            result = self.result(item, choices[item.id])
+            large = self.arm_result(item, "large")
+            outcomes.append(pass_fail_outcome(result.passed, large.passed))
+            passed.append(result.passed)
+            extra = overhead if result.tier != "cache" else 0.0
+            service.append(result.cost_s + extra)
+            measured.append(result.measured_s + extra)
+            small += result.tier == "small"
+            hits += result.tier == "cache"
+            per_tier = tokens.setdefault(result.tier, {"requests": 0, "prefill": 0.0, "decode": 0.0})
+            per_tier["requests"] += 1
+            per_tier["prefill"] += result.prompt_tokens
+            per_tier["decode"] += result.completion_tokens
+        n = len(outcomes)
+        counts = Counter(outcomes)
+        for per_tier in tokens.values():
+            per_tier["prefill"] /= per_tier["requests"]
+            per_tier["decode"] /= per_tier["requests"]
+        return SystemPoint(
+            workload=self.run.workload.name, system=system, knob=knob, knob_value=knob_value, requests=n,
+            accuracy=sum(passed) / n, win_rate=win_rate_of(outcomes), wins=counts["win"], ties=counts["tie"],
+            losses=counts["loss"], throughput_rps=saturation_throughput(service),
+            throughput_ratio=large_total / sum(service), measured_throughput_ratio=large_measured / sum(measured),
+            small_share=small / n, cache_hit_share=hits / n, mean_cost_s=float(np.mean(service)), tokens=tokens,
+            service_times=service)
+
+    # ---------------------------------------------------------------------------------------------
+    # Per-request scores the routers threshold on
+
+    def best_similarity(self) -> dict[str, tuple[int, float]]:
+        return {rid: self.run.table.best(rid) for rid in self.items}
+
+    def learned_scores(self, cheap_arm: str) -> dict[str, float]:
+        """Similarity-weighted, leave-one-out estimate of ``cheap_arm``'s win rate against the large model."""
+        ids = list(self.items)
+        labels = {}
+        for rid in ids:
+            cheap, large = self.arm_result(self.items[rid], cheap_arm), self.arm_result(self.items[rid], "large")
+            labels[rid] = {"win": 1.0, "tie": 0.5, "loss": 0.0}[pass_fail_outcome(cheap.passed, large.passed)]
+        vectors = self.run.request_vectors(ids)
+        return similarity_weighted_scores(ids, vectors, [self.items[r].group for r in ids], labels, dict(self.counts))
+
+
+def _fixed(scorer: WorkloadScorer, system: str, arm: str, uses_retrieval: bool) -> SystemPoint:
+    return scorer.evaluate(system, {rid: Choice(arm=arm) for rid in scorer.items}, uses_retrieval=uses_retrieval)
+
+
+def _router_sweep(scorer: WorkloadScorer, system: str, knob: str, scores: dict[str, float],
+                  above: Choice | dict[str, Choice], below: Choice) -> list[SystemPoint]:
+    return [scorer.evaluate(system, threshold_choices(scores, t, above, below), knob=knob, knob_value=t)
+            for t in sweep_thresholds(scores.values())]
+
+
+def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
+    """Every available system (fixed ones as one point, routers and caches as their sweep)."""
+    systems: dict[str, list[SystemPoint]] = {
+        ALWAYS_LARGE: [_fixed(scorer, ALWAYS_LARGE, "large", False)],
+    }
+    if scorer.available("small"):
+        systems[ALWAYS_SMALL] = [_fixed(scorer, ALWAYS_SMALL, "small", False)]
+        systems[ROUTELLM] = _router_sweep(scorer, ROUTELLM, "predicted win rate >=",
+                                          scorer.learned_scores("small"), Choice(arm="small"), Choice(arm="large"))
+    if scorer.available("small+random"):
+        systems[SMALL_RANDOM] = [_fixed(scorer, SMALL_RANDOM, "small+random", True)]
+    best = scorer.best_similarity()
+    similarity = {rid: sim for rid, (_, sim) in best.items()}
+    if scorer.available("small+nearest"):
+        systems[SMALL_NEAREST] = [_fixed(scorer, SMALL_NEAREST, "small+nearest", True)]
+        systems[ECHOLM_SIMILARITY] = _router_sweep(scorer, ECHOLM_SIMILARITY, "best example similarity >=",
+                                                   similarity, Choice(arm="small+nearest"), Choice(arm="large"))
+        systems[ECHOLM_LEARNED] = _router_sweep(scorer, ECHOLM_LEARNED, "predicted win rate >=",
+                                                scorer.learned_scores("small+nearest"), Choice(arm="small+nearest"),
+                                                Choice(arm="large"))
+    if scorer.run.selector is not None and scorer.available("small+selected"):
+        systems[ECHOLM_FULL] = _router_sweep(scorer, ECHOLM_FULL, "predicted win rate >=",
+                                             scorer.learned_scores("small+selected"), Choice(arm="small+selected"),
+                                             Choice(arm="large"))
+    hits = {rid: Choice(cached_index=index, similarity=sim) for rid, (index, sim) in best.items()}
+    systems[SEMANTIC_CACHE] = _router_sweep(scorer, SEMANTIC_CACHE, "similarity >=", similarity, hits,
+                                            Choice(arm="large"))
+    return systems
+
+
+def cache_size_points(scorer: WorkloadScorer) -> list[tuple[int, SystemPoint]]:
+    """Stage 1 (small + nearest examples) at each generated cache size, with size 0 = the small model alone."""
+    n_cache = len(scorer.run.workload.cache)
+    points = []
+    if scorer.available("small"):
+        points.append((0, _fixed(scorer, ALWAYS_SMALL, "small", False)))
+    from echolm.evaluation.harness import cache_sizes
+
+    for size in sorted(cache_sizes(n_cache)):
+        arm = f"small+nearest@{size}"
+        if scorer.available(arm):
+            points.append((size, _fixed(scorer, f"{SMALL_NEAREST} @ {size}", arm, True)))
+    if scorer.available("small+nearest"):
+        points.append((n_cache, _fixed(scorer, SMALL_NEAREST, "small+nearest", True)))
+    return points
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading curves
+
+
+def frontier(points: Sequence[SystemPoint]) -> list[SystemPoint]:
+    """The Pareto frontier (higher win rate, higher throughput), by increasing throughput."""
+    ordered = sorted(points, key=lambda p: (-p.throughput_ratio, -p.win_rate))
+    kept: list[SystemPoint] = []
+    best = -math.inf
+    for point in ordered:
+        if point.win_rate > best + 1e-12:
+            kept.append(point)
+            best = point.win_rate
+    return sorted(kept, key=lambda p: p.throughput_ratio)
+
+
+def throughput_at_win_rate(points: Sequence[SystemPoint], win_rate: float) -> SystemPoint | None:
+    """The fastest point with at least ``win_rate``."""
+    eligible = [p for p in points if p.win_rate >= win_rate - 1e-12]
+    return max(eligible, key=lambda p: (p.throughput_ratio, p.win_rate)) if eligible else None
+
+
+def win_rate_at_throughput(points: Sequence[SystemPoint], ratio: float) -> float | None:
+    """The best win rate among points at least ``ratio`` times as fast as always-large."""
+    eligible = [p.win_rate for p in points if p.throughput_ratio >= ratio - 1e-12]
+    return max(eligible) if eligible else None
+
+
+def dominance(ours: Sequence[SystemPoint], theirs: Sequence[SystemPoint]) -> tuple[int, int]:
+    """How many of ``theirs``' frontier points (other than pure always-large) ``ours`` matches or beats:
+    a point of ours at least as fast with at least the win rate."""
+    targets = [p for p in frontier(theirs) if p.throughput_ratio > 1.0 + 1e-9]
+    met = 0
+    for point in targets:
+        best = win_rate_at_throughput(ours, point.throughput_ratio)
+        met += best is not None and best >= point.win_rate - 1e-12
+    return met, len(targets)
+
+
+def operating_point(points: Sequence[SystemPoint]) -> SystemPoint:
+    """The fastest point at win rate >= 0.5, else the one with the best win rate."""
+    return throughput_at_win_rate(points, TARGET_WIN_RATE) or max(points, key=lambda p: p.win_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _ci(p: float, n: int) -> str:
+    lo, hi = wilson_interval(p * n, n)
+    return f"[{lo:.2f}, {hi:.2f}]"
+
+
+def systems_table(systems: dict[str, list[SystemPoint]], n_unique: int) -> str:
+    rows = ["| system | knob at operating point | accuracy | win rate vs large (95% CI) | W/T/L | throughput vs "
+            "always-large (model / measured s) | to small | cache hits |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, points in systems.items():
+        p = operating_point(points)
+        knob = f"{p.knob} {p.knob_value:.3f}" if p.knob_value is not None else "-"
+        rows.append(f"| {name} | {knob} | {_pct(p.accuracy)} | {p.win_rate:.3f} {_ci(p.win_rate, p.requests)} | "
+                    f"{p.wins}/{p.ties}/{p.losses} | {p.throughput_ratio:.2f}x / {p.measured_throughput_ratio:.2f}x | "
+                    f"{_pct(p.small_share)} | {_pct(p.cache_hit_share)} |")
+    return "\n".join(rows)
+
+
+def tokens_table(scorer: WorkloadScorer, arms: Sequence[str]) -> str:
+    rows = ["| arm | requests | examples / request | prefill tokens (mean) | decode tokens (mean) | measured s (median) "
+            "| modelled s (mean) | accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        if not scorer.available(arm):
+            continue
+        results = [scorer.arm_result(item, arm) for item in scorer.items.values()]
+        rows.append(f"| {arm} | {len(results)} | {statistics.mean(r.examples for r in results):.1f} | "
+                    f"{statistics.mean(r.prompt_tokens for r in results):.0f} | "
+                    f"{statistics.mean(r.completion_tokens for r in results):.0f} | "
+                    f"{statistics.median(r.measured_s for r in results):.1f} | "
+                    f"{statistics.mean(r.cost_s for r in results):.1f} | "
+                    f"{_pct(sum(r.passed for r in results) / len(results))} |")
+    return "\n".join(rows)
+
+
+def latency_table(systems: dict[str, list[SystemPoint]], loads: Sequence[float]) -> str:
+    large_rps = systems[ALWAYS_LARGE][0].throughput_rps
+    header = "| system (operating point) | saturation req/s | " + " | ".join(
+        f"p50 / p99 s at {load:.1f}x large's capacity ({load * large_rps:.3f} req/s)" for load in loads) + " |"
+    rows = [header, "|---|---|" + "---|" * len(loads)]
+    for name, points in systems.items():
+        p = operating_point(points)
+        cells = []
+        for load in loads:
+            lat = latency_percentiles(p.service_times, load * large_rps)
+            cells.append("saturated" if math.isinf(lat["p50"]) else f"{lat['p50']:.1f} / {lat['p99']:.1f}")
+        rows.append(f"| {name} | {p.throughput_rps:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -1,0 +1,125 @@
+"""Checking the cost model against the real pipeline at saturation.
+
+For a few traffic requests, the real pipeline (embedded Tansu broker, one ``echolm worker --stage all``
+process, SQLite history seeded with the cache part's large-model answers) serves them all at once, as
+``echolm batch`` would. The routing is set up to make the same decisions as the simulated system
+(``always-large``, or the similarity router at the chosen threshold with the same ``k``), the cache is
+frozen (no admissions during the run), and a warm-up batch first loads both models. The batch's wall time
+is then compared with the cost model's prediction for the same requests and arms, and the pipeline's
+answers with the cached generations (same prompts, temperature 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from echolm.datasets import TaskItem
+from echolm.domain import ChatMessage
+from echolm.evaluation.efficiency import CostModel, ValidationPoint
+from echolm.evaluation.harness import WorkloadRun
+from echolm.evaluation.systems import EVAL_TENANT, Choice
+from echolm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "Say OK."
+
+
+def _batch_line(custom_id: str, prompt: str, max_tokens: int) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "tenant": EVAL_TENANT,
+                       "body": {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                                "temperature": 0.0}})
+
+
+async def _seed_history(settings: Settings, run: WorkloadRun) -> None:
+    from echolm.history.migrate import upgrade
+    from echolm.history.store import SqlHistoryStore
+    from echolm.history_import import HistoricalRecord, import_records
+    from echolm.retrieval.embedder import SentenceTransformerEmbedder
+
+    await upgrade(settings.resolved_database_url)
+    store = SqlHistoryStore(settings.resolved_database_url)
+    await store.start()
+    try:
+        embedder = SentenceTransformerEmbedder(settings.embedder_model, num_threads=1)
+        records = [HistoricalRecord(request_id=f"cache-{i}", tenant=EVAL_TENANT, custom_id=None,
+                                    messages=[ChatMessage("user", example.prompt)], response=example.response,
+                                    model=example.model, tier="large")
+                   for i, example in enumerate(run.examples())]
+        await import_records(records, embedder, store, admit=True)
+    finally:
+        await store.aclose()
+
+
+def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, policy: str,
+                      threshold: float | None) -> Settings:
+    """Settings that make the pipeline route like the simulated system (see the module docstring)."""
+    update: dict[str, object] = {
+        "data_dir": data_dir, "database_url": None, "kafka_bootstrap": None, "admit_from_tiers": [],
+        "retrieve_top_k": run.k, "min_similarity": -1.0, "default_tenant": EVAL_TENANT, "log_level": "WARNING",
+    }
+    if policy == "always-large":
+        update["router_policy"] = "always-large"
+    else:
+        update.update({"router_policy": "similarity", "offload_min_examples": 1,
+                       "offload_min_similarity": float(threshold if threshold is not None else 0.0)})
+    return base.model_copy(update=update)
+
+
+def validate_system(base: Settings, run: WorkloadRun, costs: CostModel, system: str, choices: dict[str, Choice],
+                    items: Sequence[TaskItem], work_dir: Path, *, policy: str, threshold: float | None,
+                    timeout_s: float = 1800.0) -> ValidationPoint:
+    """Serve ``items`` through the real pipeline and compare with the cost model (module docstring)."""
+    from streams.batch import run_batch
+    from streams.broker import EmbeddedBroker
+    from streams.worker import WorkerProcess
+
+    data_dir = work_dir / system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    settings = pipeline_settings(base, run, data_dir.resolve(), policy=policy, threshold=threshold)
+    asyncio.run(_seed_history(settings, run))
+    warm_in, main_in = data_dir / "warmup.jsonl", data_dir / "requests.jsonl"
+    # One request routed to each tier, so both models are loaded before the clock starts.
+    warm_in.write_text(_batch_line("warm-small", run.examples()[0].prompt, 8) + "\n"
+                       + _batch_line("warm-large", WARMUP_PROMPT, 8) + "\n")
+    main_in.write_text("".join(_batch_line(item.id, item.prompt, run.workload.max_tokens) + "\n" for item in items))
+    with EmbeddedBroker(data_dir) as broker:
+        live = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+        worker = WorkerProcess(live, log_path=data_dir / "worker.log")
+        worker.start()
+        try:
+            asyncio.run(asyncio.wait_for(run_batch(live, warm_in, data_dir / "warmup.out.jsonl", progress=False),
+                                         timeout_s))
+            summary = asyncio.run(asyncio.wait_for(
+                run_batch(live, main_in, data_dir / "requests.out.jsonl", progress=True), timeout_s))
+        finally:
+            worker.stop()
+    answers: dict[str, tuple[str, str]] = {}
+    for line in (data_dir / "requests.out.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        response = record.get("response") or {}
+        body = response.get("body") or {}
+        text = body["choices"][0]["message"]["content"] if body.get("choices") else ""
+        answers[record["custom_id"]] = (text, (body.get("echolm") or {}).get("tier", ""))
+    same = 0
+    predicted = 0.0
+    for item in items:
+        choice = choices[item.id]
+        arm = run.arm_for(item, choice.arm or "large")
+        generated = run.generation(item, arm)
+        predicted += costs.seconds(arm.tier, generated.prompt_tokens, generated.completion_tokens)
+        predicted += costs.retrieval_overhead_s
+        same += answers.get(item.id, ("", ""))[0].strip() == generated.text.strip()
+    by_tier: dict[str, int] = {}
+    for _, tier in answers.values():
+        by_tier[tier] = by_tier.get(tier, 0) + 1
+    n = len(items)
+    return ValidationPoint(system=system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
+                           measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
+                           by_tier=by_tier)

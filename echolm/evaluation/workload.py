@@ -1,0 +1,215 @@
+"""Evaluation workloads: an example-cache part, a traffic part with realistic skew, and arrival times.
+
+As in the paper, the data set is split in two: the **cache part** is answered once by the large model
+and those answers seed the example cache; the **traffic part** is what the systems are measured on.
+Traffic is skewed the way real traffic is: requests are drawn from near-duplicate *groups* with Zipf
+popularity, so some groups are asked many times and some once. Arrival times (Poisson at a given rate)
+are drawn separately, for the latency figures.
+
+Workloads by data set:
+
+* **GSM8K**: no two questions are near-duplicates; cache and traffic questions are disjoint (the
+  paper's train/test split), traffic repeats popular questions.
+* **MBPP**: a group is one programming task. The cache holds each cached task once, asked in Python
+  or translated into another language (the data set ships 17: real near-duplicates). Traffic asks for
+  Python only (so unit tests can judge every answer), with a different example test shown than the
+  cached Python phrasing, and covers cached tasks and unseen ones alike.
+* **JSONL**: any file of ``{"prompt", "reference"}`` lines (optionally ``"answer"``: a number, or
+  ``"tests"``: Python asserts, and ``"group"``); groups default to one per line.
+
+Everything here is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from echolm.datasets import TaskItem, load_gsm8k, load_mbpp
+
+# Languages the MBPP cache part draws its non-Python phrasings from (popular ones, with readable code).
+MBPP_CACHE_LANGUAGES = ("javascript", "java", "cpp", "go", "rust", "typescript")
+DEFAULT_ZIPF_S = 1.1
+# Appended to every GSM8K question (cache and traffic alike). Without it both models wrote long LaTeX
+# derivations that 200 tokens cut before the answer (3 of the first 4 large-model answers, measured).
+GSM8K_INSTRUCTION = "Solve it step by step, briefly. End with a line of the form: The answer is <number>."
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One data set's evaluation workload.
+
+    ``cache``: requests whose large-model answers seed the example cache, in a fixed random order
+    (a cache of size ``n`` is the first ``n``: smaller caches are prefixes, so cache-size sweeps nest).
+    ``traffic``: the requests served, in arrival order (repeats included). ``verifier`` is "numeric",
+    "python-tests", or "none" (win rate then needs an LLM judge).
+    """
+
+    name: str
+    cache: tuple[TaskItem, ...]
+    traffic: tuple[TaskItem, ...]
+    verifier: str
+    max_tokens: int
+    description: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def unique_traffic(self) -> list[TaskItem]:
+        """Distinct traffic requests (by id) in first-arrival order: what has to be generated."""
+        seen: dict[str, TaskItem] = {}
+        for item in self.traffic:
+            seen.setdefault(item.id, item)
+        return list(seen.values())
+
+    def limited(self, limit: int | None) -> Workload:
+        """The same workload with at most ``limit`` traffic requests and cache entries (quick runs)."""
+        if limit is None:
+            return self
+        return replace(self, cache=self.cache[:limit], traffic=self.traffic[:limit])
+
+
+def zipf_weights(n: int, s: float) -> np.ndarray:
+    """Popularity of ranks 1..n under Zipf's law with exponent ``s`` (normalised to sum to 1)."""
+    if n <= 0:
+        raise ValueError("zipf_weights needs n >= 1")
+    weights = 1.0 / np.arange(1, n + 1, dtype=float) ** s
+    return weights / weights.sum()
+
+
+def zipf_sample(population: Sequence[str], n: int, s: float, rng: random.Random) -> list[str]:
+    """``n`` draws (with replacement) from ``population``, whose order is its popularity rank."""
+    weights = zipf_weights(len(population), s)
+    return rng.choices(list(population), weights=list(weights), k=n)
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> np.ndarray:
+    """Arrival times (seconds from 0) of ``n`` requests of a Poisson process at ``rate`` requests/s."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
+    return np.cumsum(gaps)
+
+
+def gsm8k_workload(items: Sequence[TaskItem], *, n_cache: int, n_pool: int, n_traffic: int,
+                   zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0, max_tokens: int = 256) -> Workload:
+    """Cache: ``n_cache`` random questions. Traffic: ``n_traffic`` Zipf draws over ``n_pool`` other questions."""
+    rng = random.Random(seed)
+    shuffled = [replace(item, prompt=f"{item.prompt}\n{GSM8K_INSTRUCTION}") for item in items]
+    rng.shuffle(shuffled)
+    if len(shuffled) < n_cache + n_pool:
+        raise ValueError(f"GSM8K has {len(shuffled)} questions; {n_cache + n_pool} needed")
+    cache, pool = shuffled[:n_cache], shuffled[n_cache:n_cache + n_pool]
+    by_id = {item.id: item for item in pool}
+    traffic = [by_id[i] for i in zipf_sample([p.id for p in pool], n_traffic, zipf_s, rng)]
+    return Workload(
+        name="gsm8k", cache=tuple(cache), traffic=tuple(traffic), verifier="numeric", max_tokens=max_tokens,
+        description=(f"GSM8K test: {n_cache} questions in the cache part; traffic {n_traffic} requests, "
+                     f"Zipf(s={zipf_s}) over {n_pool} other questions"),
+        extra={"zipf_s": zipf_s, "pool": n_pool},
+    )
+
+
+def _with_shown_test(item: TaskItem, index: int) -> TaskItem:
+    """A Python MBPP task phrased with its ``index``-th assert as the shown example (another phrasing)."""
+    if index == 0 or len(item.tests) <= index:
+        return item
+    shown = item.tests[0].splitlines()[-1]
+    alternative = item.tests[index].splitlines()[-1]
+    return replace(item, id=f"{item.id}-t{index}", prompt=item.prompt.replace(shown, alternative))
+
+
+def mbpp_workload(python: Sequence[TaskItem], translations: Sequence[TaskItem], *, n_cache: int, n_unseen: int,
+                  n_traffic: int, python_cache_share: float = 0.5, zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0,
+                  max_tokens: int = 256) -> Workload:
+    """Cache: ``n_cache`` tasks, each in Python (share ``python_cache_share``) or another language.
+
+    Traffic: ``n_traffic`` Zipf draws over the cached tasks plus ``n_unseen`` tasks not in the cache,
+    in random popularity order, always asked in Python with the second assert shown (the cached Python
+    phrasing shows the first), so that unit tests judge every answer.
+    """
+    rng = random.Random(seed)
+    tasks = [t for t in python if len(t.tests) >= 2]
+    rng.shuffle(tasks)
+    if len(tasks) < n_cache + n_unseen:
+        raise ValueError(f"MBPP has {len(tasks)} tasks with tests; {n_cache + n_unseen} needed")
+    translated: dict[tuple[str, str | None], TaskItem] = {(t.group, t.language): t for t in translations}
+    cache: list[TaskItem] = []
+    for i, task in enumerate(tasks[:n_cache]):
+        options = [lang for lang in MBPP_CACHE_LANGUAGES if (task.group, lang) in translated]
+        in_python = rng.random() < python_cache_share or not options
+        cache.append(task if in_python else translated[(task.group, rng.choice(options))])
+    served = tasks[:n_cache + n_unseen]
+    rng.shuffle(served)
+    variants = {task.group: _with_shown_test(task, 1) for task in served}
+    traffic = [variants[g] for g in zipf_sample([t.group for t in served], n_traffic, zipf_s, rng)]
+    return Workload(
+        name="mbpp", cache=tuple(cache), traffic=tuple(traffic), verifier="python-tests", max_tokens=max_tokens,
+        description=(f"MBPP (codex_mbpp asserts + mt_mbpp translations): {n_cache} tasks in the cache part "
+                     f"({python_cache_share:.0%} asked in Python, the rest in {', '.join(MBPP_CACHE_LANGUAGES)}); "
+                     f"traffic {n_traffic} Python requests, Zipf(s={zipf_s}) over the {n_cache} cached and "
+                     f"{n_unseen} unseen tasks"),
+        extra={"zipf_s": zipf_s, "unseen": n_unseen, "python_cache_share": python_cache_share},
+    )
+
+
+def jsonl_items(path: Path) -> list[TaskItem]:
+    """Items of a ``{"prompt", "reference"[, "answer", "tests", "group", "id"]}`` JSONL file."""
+    items = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "prompt" not in record or "reference" not in record:
+            raise ValueError(f"{path}:{line_no}: a line needs 'prompt' and 'reference'")
+        item_id = str(record.get("id", f"line-{line_no}"))
+        tests = record.get("tests") or ()
+        items.append(TaskItem(id=item_id, group=str(record.get("group", item_id)), prompt=str(record["prompt"]),
+                              reference=str(record["reference"]),
+                              answer=None if record.get("answer") is None else str(record["answer"]),
+                              tests=tuple(tests), language=record.get("language")))
+    return items
+
+
+def jsonl_workload(items: Sequence[TaskItem], *, name: str, n_cache: int, n_traffic: int,
+                   zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0, max_tokens: int = 256) -> Workload:
+    """Groups split between cache and traffic; traffic Zipf over the groups not in the cache part."""
+    rng = random.Random(seed)
+    groups: dict[str, list[TaskItem]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    order = list(groups)
+    rng.shuffle(order)
+    cache = [groups[g][0] for g in order[:n_cache]]
+    pool = order[n_cache:] or order
+    traffic = [rng.choice(groups[g]) for g in zipf_sample(pool, n_traffic, zipf_s, rng)]
+    if all(item.tests for item in items):
+        verifier = "python-tests"
+    elif all(item.answer is not None for item in items):
+        verifier = "numeric"
+    else:
+        verifier = "none"
+    return Workload(name=name, cache=tuple(cache), traffic=tuple(traffic), verifier=verifier, max_tokens=max_tokens,
+                    description=f"{name}: {len(cache)} cache requests; traffic {n_traffic}, Zipf(s={zipf_s})",
+                    extra={"zipf_s": zipf_s})
+
+
+def load_workload(name: str, cache_dir: Path, *, n_cache: int = 40, n_traffic: int = 40, seed: int = 0,
+                  jsonl: Path | None = None) -> Workload:
+    """The named workload ("gsm8k", "mbpp", or any name with ``jsonl``) with the default split shapes."""
+    if jsonl is not None:
+        return jsonl_workload(jsonl_items(jsonl), name=name, n_cache=n_cache, n_traffic=n_traffic, seed=seed)
+    if name == "gsm8k":
+        return gsm8k_workload(load_gsm8k(cache_dir), n_cache=n_cache, n_pool=n_traffic, n_traffic=n_traffic,
+                              seed=seed)
+    if name == "mbpp":
+        items = load_mbpp(cache_dir, languages=("python", *MBPP_CACHE_LANGUAGES))
+        python = [t for t in items if t.language == "python"]
+        others = [t for t in items if t.language != "python"]
+        return mbpp_workload(python, others, n_cache=n_cache, n_unseen=max(1, n_cache // 2), n_traffic=n_traffic,
+                             seed=seed)
+    raise ValueError(f"unknown workload {name!r}: use gsm8k, mbpp, or pass a JSONL file")

@@ -1,0 +1,51 @@
+"""The generation cache: stable keys, persistence across processes, only missing jobs generated."""
+
+from __future__ import annotations
+
+from echolm.domain import ChatMessage, GenerationParams
+from echolm.evaluation.generation_cache import (
+    CachedGeneration,
+    GenerationCache,
+    GenerationJob,
+    generate_missing,
+    generation_key,
+    missing_jobs,
+)
+from echolm.settings import Settings, TierSettings
+
+MESSAGES = (ChatMessage("user", "hello"),)
+PARAMS = GenerationParams(max_tokens=16, temperature=0.0)
+
+
+def test_key_depends_on_model_messages_and_sampling_only() -> None:
+    key = generation_key("m", MESSAGES, PARAMS)
+    assert key == generation_key("m", list(MESSAGES), GenerationParams(max_tokens=16, temperature=0.0))
+    assert key != generation_key("m2", MESSAGES, PARAMS)
+    assert key != generation_key("m", (ChatMessage("user", "hello!"),), PARAMS)
+    assert key != generation_key("m", MESSAGES, GenerationParams(max_tokens=16, temperature=0.7))
+    assert key != generation_key("m", (ChatMessage("system", "hello"),), PARAMS)
+
+
+def test_put_get_survive_reopening(tmp_path) -> None:
+    job = GenerationJob("small", "m", MESSAGES, PARAMS)
+    cache = GenerationCache(tmp_path)
+    assert missing_jobs([job, job], cache) == [job]
+    cache.put(job, CachedGeneration(job.key, "m", "hi", 5, 1, "stop", 0.5, 1.0, None))
+    cache.close()
+    again = GenerationCache(tmp_path)
+    assert again.get(job.key).text == "hi"
+    assert missing_jobs([job], again) == []
+    assert again.measured() == [("m", 5, 1, 0.5, 1.0)]
+    again.close()
+
+
+def test_generate_missing_runs_only_what_is_not_cached(tmp_path) -> None:
+    settings = Settings(tiers=[TierSettings(name="small", backend="echo", model="echo-s", relative_cost=1.0),
+                               TierSettings(name="large", backend="echo", model="echo-l", relative_cost=3.0)])
+    jobs = [GenerationJob("small", "echo-s", (ChatMessage("user", f"q{i}"),), PARAMS) for i in range(3)]
+    cache = GenerationCache(tmp_path)
+    assert generate_missing(jobs[:2], settings, cache, progress=False) == 2
+    assert generate_missing(jobs, settings, cache, progress=False) == 1
+    assert generate_missing(jobs, settings, cache, progress=False) == 0
+    assert cache.get(jobs[2].key).text == "echo: q2"
+    cache.close()

@@ -1,0 +1,64 @@
+"""Quality: verifier-based win/tie/loss against the large model, win rate, intervals, verdict cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from echolm.datasets import TaskItem
+from echolm.evaluation.quality import VerdictCache, pass_fail_outcome, verify, wilson_interval, win_rate_of
+
+MATH = TaskItem("q", "q", "What is 6*7?", "#### 42", "42", (), None)
+CODE = TaskItem("c", "c", "Write add.", "def add(a, b): return a + b", None,
+                ("assert add(1, 2) == 3", "assert add(2, 2) == 4"), "python")
+
+
+def test_outcome_against_the_large_model_from_pass_fail() -> None:
+    assert pass_fail_outcome(True, False) == "win"
+    assert pass_fail_outcome(False, True) == "loss"
+    assert pass_fail_outcome(True, True) == "tie"
+    assert pass_fail_outcome(False, False) == "tie"
+
+
+def test_win_rate_counts_half_ties() -> None:
+    assert win_rate_of(["tie"] * 4) == 0.5
+    assert win_rate_of(["win", "loss", "tie", "tie"]) == 0.5
+    assert win_rate_of(["win", "tie"]) == 0.75
+    with pytest.raises(ValueError):
+        win_rate_of([])
+
+
+def test_win_rate_is_half_plus_half_the_accuracy_gap() -> None:
+    candidate = [True, True, False, False, True]
+    large = [True, False, True, False, False]
+    outcomes = [pass_fail_outcome(c, g) for c, g in zip(candidate, large, strict=True)]
+    gap = (sum(candidate) - sum(large)) / len(candidate)
+    assert win_rate_of(outcomes) == pytest.approx(0.5 + gap / 2)
+
+
+def test_verify_numeric_and_code() -> None:
+    assert verify(MATH, "6*7 = 42. The answer is 42.", "numeric").passed
+    assert not verify(MATH, "The answer is 41.", "numeric").passed
+    assert verify(CODE, "```python\ndef add(a, b):\n    return a + b\n```", "python-tests").passed
+    assert not verify(CODE, "```python\ndef add(a, b):\n    return a - b\n```", "python-tests").passed
+    assert not verify(CODE, "", "python-tests").passed
+    with pytest.raises(ValueError, match="judge"):
+        verify(MATH, "42", "none")
+
+
+def test_wilson_interval_contains_the_estimate_and_narrows_with_n() -> None:
+    lo, hi = wilson_interval(5, 10)
+    assert lo < 0.5 < hi
+    lo2, hi2 = wilson_interval(50, 100)
+    assert hi2 - lo2 < hi - lo
+
+
+def test_verdict_cache_returns_the_stored_verdict(tmp_path) -> None:
+    cache = VerdictCache(tmp_path)
+    first = cache.verify(MATH, "The answer is 42.", "numeric")
+    cache.close()
+    reopened = VerdictCache(tmp_path)
+    key = VerdictCache.key(MATH, "The answer is 42.", "numeric")
+    row = reopened._db.execute("SELECT passed FROM verdicts WHERE key = ?", (key,)).fetchone()
+    assert row == (1,)
+    assert reopened.verify(MATH, "The answer is 42.", "numeric") == first
+    reopened.close()

@@ -1,0 +1,91 @@
+"""Workload construction: splits, Zipf skew, Poisson arrivals, near-duplicate phrasings."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from echolm.datasets import TaskItem
+from echolm.evaluation.workload import (
+    GSM8K_INSTRUCTION,
+    gsm8k_workload,
+    jsonl_items,
+    jsonl_workload,
+    mbpp_workload,
+    poisson_arrivals,
+    zipf_sample,
+    zipf_weights,
+)
+
+
+def _gsm(n: int) -> list[TaskItem]:
+    return [TaskItem(f"g{i}", f"g{i}", f"question {i}", f"#### {i}", str(i), (), None) for i in range(n)]
+
+
+def _mbpp(n: int) -> tuple[list[TaskItem], list[TaskItem]]:
+    python = [TaskItem(f"mbpp-python-{i}", f"mbpp-{i}",
+                       f"Write a Python function f{i}.\nYour code should pass this test:\nassert f{i}(1) == 1",
+                       "def f(): pass", None, (f"assert f{i}(1) == 1", f"assert f{i}(2) == 2"), "python")
+              for i in range(n)]
+    others = [TaskItem(f"mbpp-go-{i}", f"mbpp-{i}", f"Write a Go function f{i}.", "func f() {}", None, (), "go")
+              for i in range(n)]
+    return python, others
+
+
+def test_zipf_weights_decrease_and_sum_to_one() -> None:
+    weights = zipf_weights(10, 1.1)
+    assert weights.sum() == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(weights, weights[1:], strict=False))
+    assert weights[0] / weights[1] == pytest.approx(2**1.1)
+
+
+def test_zipf_sample_favours_the_first_ranks() -> None:
+    draws = zipf_sample([str(i) for i in range(50)], 5000, 1.1, random.Random(0))
+    assert draws.count("0") > draws.count("1") > draws.count("10") > 0
+
+
+def test_poisson_arrivals_have_the_requested_rate() -> None:
+    arrivals = poisson_arrivals(20_000, 2.0, seed=1)
+    assert np.all(np.diff(arrivals) > 0)
+    assert len(arrivals) / arrivals[-1] == pytest.approx(2.0, rel=0.05)
+
+
+def test_gsm8k_split_keeps_cache_and_traffic_apart_and_asks_for_a_final_line() -> None:
+    workload = gsm8k_workload(_gsm(100), n_cache=20, n_pool=30, n_traffic=50, seed=3)
+    assert len(workload.cache) == 20 and len(workload.traffic) == 50
+    assert not {c.group for c in workload.cache} & {t.group for t in workload.traffic}
+    assert len(workload.unique_traffic) < 50  # Zipf repeats popular questions
+    assert all(item.prompt.endswith(GSM8K_INSTRUCTION) for item in workload.cache + workload.traffic)
+    assert workload == gsm8k_workload(_gsm(100), n_cache=20, n_pool=30, n_traffic=50, seed=3)
+
+
+def test_mbpp_traffic_is_python_with_another_shown_test_and_covers_cached_tasks() -> None:
+    python, others = _mbpp(40)
+    workload = mbpp_workload(python, others, n_cache=20, n_unseen=10, n_traffic=60, python_cache_share=0.5, seed=0)
+    assert {c.language for c in workload.cache} == {"python", "go"}
+    assert all(t.language == "python" and t.tests for t in workload.traffic)
+    assert all("assert f" in t.prompt and "(2) == 2" in t.prompt for t in workload.traffic)
+    cached_groups = {c.group for c in workload.cache}
+    assert any(t.group in cached_groups for t in workload.traffic)
+    assert any(t.group not in cached_groups for t in workload.traffic)
+
+
+def test_limited_truncates_cache_and_traffic() -> None:
+    workload = gsm8k_workload(_gsm(100), n_cache=20, n_pool=30, n_traffic=50).limited(5)
+    assert len(workload.cache) == 5 and len(workload.traffic) == 5
+
+
+def test_jsonl_workload_reads_prompts_references_and_picks_the_verifier(tmp_path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "1+1?", "reference": "2", "answer": "2"}\n\n'
+                    '{"prompt": "2+2?", "reference": "4", "answer": "4", "group": "sums"}\n'
+                    '{"prompt": "3+3?", "reference": "6", "answer": "6", "group": "sums"}\n')
+    items = jsonl_items(path)
+    assert [i.id for i in items] == ["line-1", "line-3", "line-4"]
+    workload = jsonl_workload(items, name="mine", n_cache=1, n_traffic=4)
+    assert workload.verifier == "numeric"
+    with pytest.raises(ValueError, match="prompt"):
+        (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+        jsonl_items(tmp_path / "bad.jsonl")
