@@ -249,6 +249,10 @@ from echolm import cli_replay  # noqa: E402  (its commands use the helpers above
 
 cli_replay.register(app)
 
+from echolm import cli_learning  # noqa: E402  (feedback, selector, router)
+
+cli_learning.register(app)
+
 from echolm.cli_eval import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)

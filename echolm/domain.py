@@ -65,11 +65,15 @@ class RetrievedExample:
 
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
+    """``compare_with``: a second tier to also answer the request, for a pairwise comparison
+    (selective feedback); its answer goes to the judge, never to the requester."""
+
     tier: str
     score: float
     reason: str
     use_examples: bool
     scores: dict[str, float] = field(default_factory=dict)
+    compare_with: str | None = None
 
 
 class ErrorCode(str, enum.Enum):

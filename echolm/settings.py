@@ -81,6 +81,11 @@ class TopicSettings(BaseModel):
     def feedback(self) -> str:
         return self.name("feedback")
 
+    @property
+    def load(self) -> str:
+        """Generate workers' load reports (read by route workers for the load-aware router)."""
+        return self.name("load")
+
 
 class ReplaySettings(BaseModel):
     """The replay agent: regenerates weak, much-used examples on the large tier while it is idle."""

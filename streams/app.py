@@ -119,6 +119,10 @@ def create_app(settings: Settings, plan: WorkerPlan, services: Services | None =
             EXTRA_STAGES[stage](wiring)
         else:
             getattr(wiring, stage)()
+    if "generate" in plan.stages:  # the load-aware router reads generate workers' backlog reports
+        from streams.load_stage import wire_load_reports
+
+        wire_load_reports(wiring)
 
     @app.task
     async def warm_up() -> None:
@@ -240,7 +244,13 @@ class _Wiring:
 
     def retrieve(self) -> None:
         async def handle(records: list[InFlightRequest]) -> list[Outgoing]:
-            stage = await self._stage("retrieve", lambda: self._build(RetrieveStage, self.services.example_cache()))
+            async def build() -> RetrieveStage:
+                from echolm.selection import StageTwo  # stage 2, hot-reloading the trained proxy
+
+                return RetrieveStage(self.settings, await self.services.example_cache(),
+                                     StageTwo(self.settings, await self.services.history()))
+
+            stage = await self._stage("retrieve", build)
             return await stage.process(records)
 
         self._agent(self.settings.topics.embedded, "retrieve",

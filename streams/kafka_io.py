@@ -21,7 +21,7 @@ TOPIC_ALREADY_EXISTS = 36
 def pipeline_topics(settings: Settings) -> list[str]:
     topics = settings.topics
     names = [topics.requests, topics.embedded, topics.retrieved, topics.responses, topics.dead_letter,
-             topics.feedback]
+             topics.feedback, topics.load]
     names += [topics.generate(t.name) for t in settings.tiers]
     return names
 

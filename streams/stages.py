@@ -39,6 +39,8 @@ from echolm.protocols import (
     RoutingContext,
 )
 from echolm.retrieval.example_cache import ExampleCache
+from echolm.routing.comparison import comparison_request_id
+from echolm.selection import StageTwo
 from echolm.settings import Settings, TierSettings
 from streams.records import (
     DeadLetterRecord,
@@ -160,9 +162,11 @@ class EmbedStage:
 class RetrieveStage:
     name = "retrieve"
 
-    def __init__(self, settings: Settings, cache: ExampleCache) -> None:
+    def __init__(self, settings: Settings, cache: ExampleCache, stage_two: StageTwo | None = None) -> None:
         self._settings = settings
         self._cache = cache
+        # Stage 2 (helpfulness); without a history it is the cold-start rule (similarity threshold).
+        self._stage_two = stage_two or StageTwo(settings)
 
     async def process(self, records: Sequence[InFlightRequest]) -> list[Outgoing]:
         out = []
@@ -174,6 +178,7 @@ class RetrieveStage:
             vectors = np.stack([r.embedding() for r in group])
             found = self._cache.search(tenant, vectors, self._settings.retrieve_top_k,
                                        self._settings.min_similarity)
+            found = await self._stage_two.select_batch(vectors, found)
             per_request = (time.perf_counter() - started) / len(group)
             for record, hits in zip(group, found, strict=True):
                 refs = [_example_ref(hit) for hit in hits]
@@ -205,6 +210,12 @@ class RouteStage:
 
     async def process(self, records: Sequence[InFlightRequest]) -> list[Outgoing]:
         out = []
+        refresh = getattr(self._router, "refresh", None)
+        if refresh is not None:  # learned routers reload their state and load between batches
+            try:
+                await refresh()
+            except Exception:  # routing goes on with the state it has
+                log.exception("router refresh failed")
         for record in records:
             started = time.perf_counter()
             request = record.request
@@ -221,7 +232,22 @@ class RouteStage:
                 "route": route, "timings": {**record.timings, self.name: time.perf_counter() - started}})
             out.append(Outgoing(self._settings.topics.generate(decision.tier), request.request_id,
                                 updated.model_dump_json().encode()))
+            if decision.compare_with and decision.compare_with != decision.tier:
+                out.extend(self._comparison(updated, decision.compare_with))
         return out
+
+    def _comparison(self, record: InFlightRequest, tier_name: str) -> list[Outgoing]:
+        """Selective feedback: the same request on a second tier, under its own id, for the judge."""
+        comparison_id = comparison_request_id(record.request.request_id, tier_name)
+        if comparison_id is None or record.route is None:
+            return []
+        tier = self._settings.tier(tier_name)
+        request = record.request.model_copy(update={"request_id": comparison_id, "custom_id": None})
+        route = RouteInfo(tier=tier_name, score=record.route.scores.get(tier_name, 0.0),
+                          reason=f"selective feedback: compared with {record.route.tier}",
+                          use_examples=tier.use_examples and bool(record.examples), scores=record.route.scores)
+        twin = record.model_copy(update={"request": request, "route": route})
+        return [Outgoing(self._settings.topics.generate(tier_name), comparison_id, twin.model_dump_json().encode())]
 
 
 class GenerateStage:
