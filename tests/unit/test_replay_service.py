@@ -334,6 +334,14 @@ def test_row_budget_keeps_the_most_valuable_rows() -> None:
     assert decision.evict == [2, 4]
 
 
+def test_without_recorded_offloads_only_the_excess_is_evicted_oldest_first() -> None:
+    items = [EvictionCandidate(i, 100, 0.0, NOW - timedelta(days=10 - i), NOW - timedelta(days=10 - i))
+             for i in range(1, 6)]
+    decision = plan_tenant(items, EvictionBudget(max_bytes=350, protect_new=timedelta(0)), NOW)
+    assert decision.evict == [1, 2] and decision.evicted_bytes == 200
+    assert plan_tenant(items, EvictionBudget(max_bytes=500, protect_new=timedelta(0)), NOW).evict == []
+
+
 async def test_eviction_service_marks_the_chosen_examples_evicted_per_tenant() -> None:
     history = InMemoryHistoryStore()
     ids = await history.admit_examples([candidate(f"a{i}", f"prompt {i}", "x" * 100) for i in range(4)]
