@@ -364,7 +364,8 @@ class HistoryLoadProbe:
     ``policy.load_bias.normalised_load``. The probe returns ``max(EMA, sample)``: the EMA (half-life
     ``half_life_s``) keeps a replay from starting in a short lull, the raw sample makes it yield as
     soon as traffic shows up. Limits: a generation still running in another process is seen only
-    when it finishes, and requests queued on the tier's topic are not seen at all.
+    when it finishes, and requests queued on the tier's topic are not seen at all (the replay stage
+    combines this probe with the generate workers' load reports, which see both: ``highest_load``).
     """
 
     def __init__(self, busy_seconds: Callable[[datetime], Awaitable[float]], *, tier: str, window_s: float,
@@ -387,10 +388,23 @@ class HistoryLoadProbe:
         return max(self.tracker.update(self._tier, sample, now), sample)
 
 
+def highest_load(*probes: LoadProbe) -> LoadProbe:
+    """A probe reporting the highest of several load estimates (replay waits until every one says idle)."""
+    async def probe() -> float:
+        return max([await p() for p in probes], default=0.0)
+
+    return probe
+
+
 def replay_service_from_settings(settings: Settings, history: SqlHistoryStore, generator: Generator, *,
                                  judge_generator: Generator | None = None, load: LoadProbe | None = None,
-                                 in_flight: Callable[[], float] | None = None) -> ReplayService:
-    """The replay service as ``settings.replay`` configures it, on the SQL history store."""
+                                 in_flight: Callable[[], float] | None = None,
+                                 live_load: LoadProbe | None = None) -> ReplayService:
+    """The replay service as ``settings.replay`` configures it, on the SQL history store.
+
+    ``load`` replaces the load estimate; by default it is the ``HistoryLoadProbe`` (with this process's
+    ``in_flight``), combined with ``live_load`` (the generate workers' load reports) when given.
+    """
     from echolm.history.example_stats_store import SqlExampleStatsStore, tier_busy_seconds
 
     config = settings.replay
@@ -401,6 +415,8 @@ def replay_service_from_settings(settings: Settings, history: SqlHistoryStore, g
 
         load = HistoryLoadProbe(busy, tier=tier.name, window_s=config.load_window_s, concurrency=tier.concurrency,
                                 half_life_s=config.load_half_life_s, in_flight=in_flight)
+        if live_load is not None:
+            load = highest_load(load, live_load)
     llm_judge: ReplayJudge | None = None
     if judge_generator is not None:
         async def ask(messages: list[ChatMessage]) -> str:

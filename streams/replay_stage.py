@@ -5,7 +5,12 @@
   id; a timer settles recorded usages into G(e), uses and decayed successful offloads once feedback
   had ``replay.settle_after_s`` to arrive.
 * ``replay``: a leader-only timer that runs one replay round every ``replay.interval_s`` when the
-  replay tier is idle (``echolm.replay``).
+  replay tier is idle (``echolm.replay``). Idle means every load estimate is under
+  ``replay.idle_threshold``: the generate workers' load reports on the load topic (backlog on the
+  tier's generate topic + in flight, per unit of concurrency; ``echolm.routing.load``), the tier's
+  busy fraction over the last ``replay.load_window_s`` from the history, and this process's own
+  in-flight requests on the tier. The replay generates on the same ``Generator`` as this worker's
+  generate stage when it runs one, so a live request waits at most for one replay sample.
 * ``evict``: a leader-only timer that enforces ``eviction.max_bytes`` / ``eviction.max_examples`` per
   tenant (``echolm.eviction_service``).
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -34,6 +40,7 @@ from echolm.history.example_stats_store import (
 from echolm.history.store import SqlHistoryStore
 from echolm.history.tables import utc_now
 from echolm.replay import ReplayService, replay_service_from_settings, usage_policy_from_settings
+from echolm.routing.load import KafkaLoadSource, LoadBoard
 from echolm.settings import Settings
 from streams.app import _Wiring, register_stage
 from streams.records import ResponseRecord
@@ -157,6 +164,16 @@ def wire_example_stats(w: _Wiring) -> None:
             log.exception("pruning example usage markers failed; will retry")
 
 
+def _reported_load(board: LoadBoard, tier: str) -> Callable[[], Awaitable[float]]:
+    """The tier's load from the generate workers' reports (``echolm.routing.load``): its EMA, or the
+    fresh sample if higher; 0 while no fresh report exists (no generate worker, or none publishing)."""
+    async def probe() -> float:
+        sample = board.sample(tier, time.time())
+        return 0.0 if sample is None else max(sample, board.loads().get(tier, 0.0))
+
+    return probe
+
+
 def _in_flight_of(tier: str) -> Callable[[], float]:
     """Requests this process is generating on ``tier`` (the generate stage's gauge; 0 elsewhere)."""
     def read() -> float:
@@ -177,9 +194,14 @@ def wire_replay(w: _Wiring) -> None:
     async def service() -> ReplayService:
         async def build() -> ReplayService:
             judge = await w.services.generator(config.judge_tier) if config.judge_tier else None
+            board = LoadBoard(config.load_half_life_s, w.settings.bandit.load_stale_after_s)
+            source = KafkaLoadSource(w.settings.kafka_bootstrap or "", w.settings.topics.load, board,
+                                     client_id=f"{w.settings.kafka_client_id}-replay-load")
+            source.start()
             return replay_service_from_settings(w.settings, await _sql_history(w),
                                                 await w.services.generator(tier.name), judge_generator=judge,
-                                                in_flight=_in_flight_of(tier.name))
+                                                in_flight=_in_flight_of(tier.name),
+                                                live_load=_reported_load(board, tier.name))
 
         return await lazy.get("service", build)
 

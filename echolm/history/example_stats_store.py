@@ -273,8 +273,8 @@ class SqlExampleStatsStore:
                                              .where(ExampleUsageRow.request_id == usage.request_id)
                                              .values(quality=float(qualities[usage.request_id])))
             example_ids = sorted({i for u in usages for i in u.example_ids})
-            tenants = await self._tenants_of(connection, example_ids)
-            current = await self._stats(connection, list(tenants), lock=True)
+            tenants = await self._tenants_of(connection, example_ids, lock=True)
+            current = await self._stats(connection, list(tenants))
             changed = fold_usages([(u, qualities.get(u.request_id)) for u in usages], current, tenants,
                                   policy, now)
             await self._upsert(connection, list(changed.values()), now)
@@ -304,22 +304,25 @@ class SqlExampleStatsStore:
 
     # ---------------------------------------------------------------- statistics
 
-    async def _tenants_of(self, connection: AsyncConnection, example_ids: Sequence[int]) -> dict[int, str]:
+    async def _tenants_of(self, connection: AsyncConnection, example_ids: Sequence[int], *,
+                          lock: bool = False) -> dict[int, str]:
+        """Tenant of each existing example. ``lock``: row-lock the examples (in id order, so concurrent
+        writers cannot deadlock) to serialise read-modify-write of their statistics on PostgreSQL,
+        where a stats row that does not exist yet cannot be locked itself."""
         found: dict[int, str] = {}
-        for chunk in _chunks(list(example_ids)):
-            result = await connection.execute(select(ExampleRow.id, ExampleRow.tenant).where(ExampleRow.id.in_(chunk)))
-            found.update({int(r.id): r.tenant for r in result})
+        for chunk in _chunks(sorted(example_ids)):
+            query = select(ExampleRow.id, ExampleRow.tenant).where(ExampleRow.id.in_(chunk))
+            if lock:
+                query = query.order_by(ExampleRow.id).with_for_update()
+            found.update({int(r.id): r.tenant for r in await connection.execute(query)})
         return found
 
-    async def _stats(self, connection: AsyncConnection, example_ids: Sequence[int], *,
-                     lock: bool = False) -> dict[int, ExampleStats]:
+    async def _stats(self, connection: AsyncConnection, example_ids: Sequence[int]) -> dict[int, ExampleStats]:
         found: dict[int, ExampleStats] = {}
         for chunk in _chunks(sorted(example_ids)):
-            query = select(ExampleStatsRow.__table__).where(ExampleStatsRow.example_id.in_(chunk))
-            if lock:
-                query = query.order_by(ExampleStatsRow.example_id).with_for_update()
-            for row in await connection.execute(query):
-                found[int(row.example_id)] = _stats_from_row(row)
+            result = await connection.execute(
+                select(ExampleStatsRow.__table__).where(ExampleStatsRow.example_id.in_(chunk)))
+            found.update({int(row.example_id): _stats_from_row(row) for row in result})
         return found
 
     async def _upsert(self, connection: AsyncConnection, rows: Sequence[ExampleStats], now: datetime) -> None:
@@ -353,13 +356,11 @@ class SqlExampleStatsStore:
         version the replay wrote, None if it kept the current answer."""
         now = now or utc_now()
         async with self._history._write() as connection:  # noqa: SLF001
-            current = await self._stats(connection, [example_id], lock=True)
-            old = current.get(example_id)
-            if old is None:
-                tenants = await self._tenants_of(connection, [example_id])
-                if example_id not in tenants:
-                    raise KeyError(f"no example with id {example_id}")
-                old = ExampleStats(example_id, tenants[example_id])
+            tenants = await self._tenants_of(connection, [example_id], lock=True)
+            if example_id not in tenants:
+                raise KeyError(f"no example with id {example_id}")
+            current = await self._stats(connection, [example_id])
+            old = current.get(example_id, ExampleStats(example_id, tenants[example_id]))
             await self._upsert(connection, [replayed_stats(old, new_example_id, score=score,
                                                            decay_per_hour=decay_per_hour, now=now)], now)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -362,3 +363,22 @@ async def test_eviction_service_marks_the_chosen_examples_evicted_per_tenant() -
     removed = [e.example.id for e in await history.cache_events_since(0) if e.op == "remove"]
     assert removed == [ids[1], ids[2]]
     assert await EvictionService(history, stats, EvictionBudget()).run() == []  # no budget: nothing to do
+
+
+async def test_replay_waits_until_every_load_estimate_says_idle() -> None:
+    from echolm.replay import highest_load
+    from echolm.routing.load import LoadBoard, LoadReport
+    from streams.replay_stage import _reported_load
+
+    assert await highest_load(Load(0.1), Load(0.5), Load(0.0))() == 0.5
+
+    board = LoadBoard(half_life_s=5.0, stale_after_s=5.0)
+    reported = _reported_load(board, "large")
+    assert await reported() == 0.0  # no generate worker has reported: no news
+    now = time.time()
+    board.observe(LoadReport(tier="large", worker="w1", queue=3, in_flight=1, capacity=2, at=now - 2), now=now - 2)
+    assert await reported() == pytest.approx(2.0)
+    board.observe(LoadReport(tier="large", worker="w1", queue=0, in_flight=0, capacity=2, at=now - 1), now=now - 1)
+    assert await reported() == pytest.approx(2.0 * 2 ** (-1 / 5))  # the EMA lets a burst fade, not vanish
+    board._reports.clear()  # noqa: SLF001 - reports gone stale
+    assert await reported() == 0.0
