@@ -177,7 +177,8 @@ class BanditRouterService(LoadAwareBanditRouter):
     re-measures token costs. ``refresh`` is called by the route stage before each batch (cheap when
     nothing is due); every database read is bounded and a failure keeps the current state."""
 
-    def __init__(self, settings: Settings, *, rng: np.random.Generator | None = None) -> None:
+    def __init__(self, settings: Settings, *, rng: np.random.Generator | None = None, history: Any = None) -> None:
+        from echolm.model_store import ROUTER_MODEL, ModelWatcher
         from echolm.routing.load import KafkaLoadSource, LoadBoard
 
         self._source = None
@@ -186,23 +187,25 @@ class BanditRouterService(LoadAwareBanditRouter):
             self._source = KafkaLoadSource(settings.kafka_bootstrap, settings.topics.load, board,
                                            client_id=f"{settings.kafka_client_id}-load")
         super().__init__(settings, loads=self._source.loads if self._source else None, rng=rng)
-        self._history: Any = None
-        self._watcher: Any = None
+        # A SqlHistoryStore; made lazily in the worker's event loop unless one is given (then not closed here).
+        self._history: Any = history
+        self._owns_history = history is None
+        self._watcher = ModelWatcher(ROUTER_MODEL, lambda stored: self.apply_state(RouterState.from_dict(stored.state)),
+                                     settings.learning.model_poll_interval_s)
         self._next_cost_refresh = 0.0
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, force: bool = False) -> None:
+        """Start following load reports; reload a newer stored state (if due, or ``force``); re-measure costs."""
+        from echolm.model_store import ModelStore
+
         if self._source is not None:
             self._source.start()
         if self._history is None:
             from echolm.history.store import SqlHistoryStore
-            from echolm.model_store import ROUTER_MODEL, ModelWatcher
 
             self._history = SqlHistoryStore(self._settings.resolved_database_url)
-            self._watcher = ModelWatcher(ROUTER_MODEL, lambda stored: self.apply_state(RouterState.from_dict(stored.state)),
-                                         self._settings.learning.model_poll_interval_s)
-        from echolm.model_store import ModelStore
-
-        await self._watcher.poll(ModelStore(self._history))
+        if await self._watcher.poll(ModelStore(self._history), force=force):
+            self._next_cost_refresh = 0.0
         if self.state is not None and time.monotonic() >= self._next_cost_refresh:
             self._next_cost_refresh = time.monotonic() + self._settings.bandit.cost_refresh_interval_s
             await self._refresh_costs()
@@ -227,5 +230,5 @@ class BanditRouterService(LoadAwareBanditRouter):
     async def aclose(self) -> None:
         if self._source is not None:
             await self._source.aclose()
-        if self._history is not None:
+        if self._history is not None and self._owns_history:
             await self._history.aclose()
