@@ -17,9 +17,11 @@ One round (``ReplayService.run_round``):
 
 Judges (``select_judge``), in the order the configuration allows:
 
-* ``PairwiseReplayJudge``: the paper's LLM judge (pairwise, -3..+3, both orders), each sample against
-  the current answer, which scores 0;
-* ``VerifierReplayJudge``: where the example's prompt has a reference (numeric answer or Python tests),
+* ``PairwiseReplayJudge``: the paper's LLM judge (pairwise, -3..+3, both orders; ``judging.judge``'s
+  ``LlmPairwiseJudge`` over ``replay.judge_tier``), each sample against the current answer, which
+  scores 0;
+* ``VerifierReplayJudge``: where the example's prompt has a reference (numeric answer or Python tests;
+  a ``judging.judge.ReferenceBook`` from ``replay.references_path``, else ``learning.references_path``),
   the task verifier's score in [0, 1] for the current answer and every sample;
 * ``CompletenessReplayJudge`` (fallback, weak): a sample that did not finish (``finish_reason`` other
   than "stop") scores 0, a complete one its length in characters; the current answer counts as
@@ -28,20 +30,25 @@ Judges (``select_judge``), in the order the configuration allows:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from echolm.domain import ChatMessage, EchoLMError, Example, GenerationParams, GenerationResult
 from echolm.history.example_stats_store import ExampleStats, ExampleStatsStore, UsagePolicy
-from echolm.judging.pairwise import JudgeError, PairwiseJudge, normalised_quality
-from echolm.judging.verifiers import numeric_answer_match, run_python_tests_async
+from echolm.judging.judge import (
+    Judge,
+    JudgeTask,
+    LlmPairwiseJudge,
+    ReferenceBook,
+    TaskReference,
+    VerifierJudge,
+)
+from echolm.judging.pairwise import JudgeError, normalised_quality
 from echolm.policy.eviction import DECAY_PER_HOUR
 from echolm.policy.load_bias import LoadTracker
 from echolm.policy.replay import ReplayPlanner, best_of
@@ -84,82 +91,54 @@ class ReplayJudge(Protocol):
 
 
 class PairwiseReplayJudge:
-    """Each sample against the current answer with the paper's pairwise judge; the current answer is 0."""
+    """Each sample against the current answer with a pairwise ``Judge`` (``judging.judge.LlmPairwiseJudge``:
+    the paper's -3..+3, both orders); the current answer scores 0."""
 
     name = "llm"
 
-    def __init__(self, judge: PairwiseJudge) -> None:
+    def __init__(self, judge: Judge) -> None:
         self._judge = judge
 
     async def judge(self, example: Example, samples: Sequence[GenerationResult]) -> tuple[Scored, list[Scored]]:
         scored = []
         for sample in samples:  # one by one: the judge model is the idle tier we must not flood
             try:
-                verdict = await self._judge.compare(example.prompt, sample.text, example.response)
-                scored.append(Scored(verdict.score, normalised_quality(verdict.score)))
+                verdict = await self._judge.judge(JudgeTask(example.prompt, sample.text,
+                                                            reference_answer=example.response))
+                scored.append(Scored(verdict.score, verdict.quality))
             except JudgeError as exc:
                 log.warning("replay judge gave no score for example %d: %s", example.id, exc)
                 scored.append(Scored(-math.inf))
         return Scored(0.0, normalised_quality(0.0)), scored
 
 
-@dataclass(frozen=True, slots=True)
-class Reference:
-    """A task reference for a prompt: ``numeric`` (a number or a "#### n" solution) or ``python``
-    (test code run after the answer's code, in the sandbox)."""
-
-    kind: Literal["numeric", "python"]
-    reference: str
-
-
-def prompt_key(prompt: str) -> str:
-    """How references are matched to examples: the prompt with whitespace runs collapsed."""
-    return " ".join(prompt.split())
-
-
-def load_references(path: Path) -> dict[str, Reference]:
-    """A JSONL file of ``{"prompt", "reference", "kind": "numeric" | "python"}`` lines, keyed by prompt."""
-    references: dict[str, Reference] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            kind = data.get("kind", "numeric")
-            if kind not in ("numeric", "python"):
-                raise ValueError(f"kind must be numeric or python, got {kind!r}")
-            references[prompt_key(str(data["prompt"]))] = Reference(kind, str(data["reference"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{line_no}: not a reference line ({exc})") from exc
-    return references
-
-
 class VerifierReplayJudge:
-    """Scores every answer by the task verifier for its prompt's reference (fraction of tests passed,
-    or 1/0 for a numeric match)."""
+    """Scores every answer with the task verifier for its prompt's reference (``judging.judge``:
+    fraction of tests passed, or 1/0 for a numeric match)."""
 
     name = "verifier"
 
-    def __init__(self, references: Mapping[str, Reference], *, timeout_s: float = 10.0) -> None:
+    def __init__(self, references: ReferenceBook, verifier: VerifierJudge | None = None) -> None:
         self._references = references
-        self._timeout_s = timeout_s
+        self._verifier = verifier or VerifierJudge()
 
-    def reference_for(self, example: Example) -> Reference | None:
-        return self._references.get(prompt_key(example.prompt))
+    def reference_for(self, example: Example) -> TaskReference | None:
+        return self._references.lookup(example.prompt)
 
-    async def _score(self, reference: Reference, answer: str) -> Scored:
-        if reference.kind == "numeric":
-            verdict = numeric_answer_match(answer, reference.reference)
-        else:
-            verdict = await run_python_tests_async(answer, reference.reference, timeout_s=self._timeout_s)
-        return Scored(verdict.score, verdict.score)
+    async def _score(self, example: Example, reference: TaskReference, answer: str) -> Scored:
+        try:
+            verdict = await self._verifier.judge(JudgeTask(example.prompt, answer, reference=reference))
+        except JudgeError as exc:  # an unusable reference: no answer can be told better
+            log.warning("replay verifier failed for example %d: %s", example.id, exc)
+            return Scored(0.0, None)
+        return Scored(verdict.score, verdict.quality)
 
     async def judge(self, example: Example, samples: Sequence[GenerationResult]) -> tuple[Scored, list[Scored]]:
         reference = self.reference_for(example)
         if reference is None:
             raise ValueError(f"example {example.id} has no reference")
-        current = await self._score(reference, example.response)
-        return current, [await self._score(reference, s.text) for s in samples]
+        current = await self._score(example, reference, example.response)
+        return current, [await self._score(example, reference, s.text) for s in samples]
 
 
 class CompletenessReplayJudge:
@@ -419,13 +398,12 @@ def replay_service_from_settings(settings: Settings, history: SqlHistoryStore, g
             load = highest_load(load, live_load)
     llm_judge: ReplayJudge | None = None
     if judge_generator is not None:
-        async def ask(messages: list[ChatMessage]) -> str:
-            result = await judge_generator.generate(messages, GenerationParams(max_tokens=256, temperature=0.0),
-                                                    request_id=f"replay-judge-{time.time_ns()}")
-            return result.text
-
-        llm_judge = PairwiseReplayJudge(PairwiseJudge(ask, timeout_s=settings.tier(config.judge_tier or tier.name).timeout_s))
-    verifier = VerifierReplayJudge(load_references(config.references_path)) if config.references_path else None
+        judge_tier = settings.tier(config.judge_tier) if config.judge_tier else tier
+        llm_judge = PairwiseReplayJudge(LlmPairwiseJudge.over(
+            judge_generator, max_tokens=settings.learning.judge_max_tokens, timeout_s=judge_tier.timeout_s))
+    # The replay's references, else the ones the judge stage uses.
+    references_path = config.references_path or settings.learning.references_path
+    verifier = VerifierReplayJudge(ReferenceBook.load(references_path)) if references_path else None
     planner = ReplayPlanner(samples_per_replay=config.samples, cost_per_sample=config.cost_per_sample,
                             max_rounds=config.max_rounds)
     params = GenerationParams(max_tokens=config.max_tokens or tier.max_tokens, temperature=config.temperature)

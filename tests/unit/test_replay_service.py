@@ -20,6 +20,7 @@ from echolm.history.example_stats_store import (
     fold_usages,
     no_feedback,
 )
+from echolm.judging.judge import LlmPairwiseJudge, ReferenceBook, TaskReference
 from echolm.judging.pairwise import PairwiseJudge
 from echolm.policy.eviction import decayed_value
 from echolm.policy.replay import GainTracker, ReplayPlanner
@@ -27,11 +28,9 @@ from echolm.protocols import ExampleCandidate
 from echolm.replay import (
     CompletenessReplayJudge,
     PairwiseReplayJudge,
-    Reference,
     ReplayConfig,
     ReplayService,
     VerifierReplayJudge,
-    load_references,
     select_judge,
 )
 from echolm.testing import InMemoryExampleStatsStore, InMemoryHistoryStore
@@ -239,7 +238,7 @@ async def test_dry_run_plans_without_generating() -> None:
 async def test_verifier_judge_upgrades_a_wrong_answer_and_stores_its_quality() -> None:
     history, stats, [example_id] = await stores_with(("What is 6 times 7?", "It is 41."))
     await use(stats, example_id, 3, quality=0.0)
-    verifier = VerifierReplayJudge({"What is 6 times 7?": Reference("numeric", "42")})
+    verifier = VerifierReplayJudge(ReferenceBook({"What is 6 times 7?": TaskReference("numeric", "42")}))
     judges = select_judge("auto", llm=None, verifier=verifier)
     replay = ReplayService(history, stats, ScriptedGenerator(["6 x 7 = 43", "The answer is 42."]), judges,
                            ReplayPlanner(samples_per_replay=2), Load(0.0), ReplayConfig(tier="large", samples=2))
@@ -265,7 +264,8 @@ async def test_pairwise_judge_compares_each_sample_with_the_current_answer() -> 
 
     example = Example(1, "acme", "q", "bad answer", "m", "large")
     samples = [GenerationResult(t, "m", 1, 1, "stop", 0.0) for t in ("another bad one", "a good one")]
-    current, scored = await PairwiseReplayJudge(PairwiseJudge(judge_model)).judge(example, samples)
+    judge = PairwiseReplayJudge(LlmPairwiseJudge(PairwiseJudge(judge_model), "judge-model"))
+    current, scored = await judge.judge(example, samples)
     assert current.score == 0.0
     assert [s.score for s in scored] == [0.0, 2.0]
     assert scored[1].quality == pytest.approx((2 + 3) / 6)
@@ -285,17 +285,14 @@ def test_judge_selection_order(tmp_path) -> None:
     path = tmp_path / "refs.jsonl"
     path.write_text('{"prompt": "What is  2+2?", "reference": "4"}\n{"prompt": "f", "reference": "assert f()", '
                     '"kind": "python"}\n')
-    verifier = VerifierReplayJudge(load_references(path))
-    llm = PairwiseReplayJudge(PairwiseJudge(lambda m: None))  # type: ignore[arg-type,return-value]
+    verifier = VerifierReplayJudge(ReferenceBook.load(path))
+    llm = PairwiseReplayJudge(LlmPairwiseJudge(PairwiseJudge(lambda m: None), "m"))  # type: ignore[arg-type,return-value]
     with_ref, without_ref = Example(1, "t", "What is 2+2?", "", "m", "l"), Example(2, "t", "other", "", "m", "l")
     assert select_judge("auto", llm=llm, verifier=verifier)(with_ref) is llm
     assert select_judge("auto", llm=None, verifier=verifier)(with_ref) is verifier
     assert select_judge("auto", llm=None, verifier=verifier)(without_ref).name == "heuristic"
     with pytest.raises(ValueError):
         select_judge("verifier", llm=None, verifier=verifier)(without_ref)
-    path.write_text('{"prompt": "x", "reference": "1", "kind": "essay"}\n')
-    with pytest.raises(ValueError, match="refs.jsonl:1"):
-        load_references(path)
 
 
 # ------------------------------------------------------------------ eviction
