@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from echolm.domain import Example, RetrievedExample
-from echolm.history.feedback_store import FeedbackStore, LoggedRequest, Outcome, StoredExample
+from echolm.history.feedback_store import Feedback, FeedbackStore, LoggedRequest, Outcome, StoredExample
 from echolm.judging.pairwise import MAX_SCORE, TIE_MARGIN, outcome as pairwise_outcome
 from echolm.model_store import HELPFULNESS_MODEL, ROUTER_MODEL, ModelStore
 from echolm.policy.bandit import BanditRouter, ExampleFeatures, RewardWeights, TierUtilityModel, context_vector, reward
@@ -83,7 +82,11 @@ class TrainingData:
 async def load_training_data(store: FeedbackStore, *, limit: int = 50_000) -> TrainingData:
     """Outcomes of the newest ``limit`` feedback rows, keyed by original request ids, with the logged
     requests (and, per (request, tier), the logged answer: the original or its comparison twin)."""
-    rows = await store.recent_feedback(limit)
+    return await training_data_from_rows(store, await store.recent_feedback(limit))
+
+
+async def training_data_from_rows(store: FeedbackStore, rows: Sequence[Feedback]) -> TrainingData:
+    """``load_training_data`` for given feedback rows."""
     raw = await store.outcomes(rows)
     merged: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
     for o in raw:
@@ -117,14 +120,34 @@ class ExampleHistory:
     """Every stored example version (any status) with its embedding, per tenant, for rebuilding the
     examples a request could have been given when it was routed."""
 
-    def __init__(self, examples: Sequence[StoredExample]) -> None:
-        self.by_id = {e.id: e for e in examples}
+    def __init__(self, examples: Sequence[StoredExample] = ()) -> None:
+        self.by_id: dict[int, StoredExample] = {}
         self._tenants: dict[str, tuple[list[StoredExample], np.ndarray]] = {}
+        self.extend(examples)
+
+    @property
+    def last_id(self) -> int:
+        return max(self.by_id, default=0)
+
+    def extend(self, examples: Sequence[StoredExample]) -> None:
+        """Add newly stored examples (ids above ``last_id``; example rows never change their text)."""
         grouped: dict[str, list[StoredExample]] = defaultdict(list)
         for e in examples:
-            grouped[e.tenant].append(e)
+            if e.id not in self.by_id:
+                self.by_id[e.id] = e
+                grouped[e.tenant].append(e)
         for tenant, items in grouped.items():
-            self._tenants[tenant] = (items, np.stack([e.embedding for e in items]).astype(np.float32))
+            matrix = np.stack([e.embedding for e in items]).astype(np.float32)
+            if tenant in self._tenants:
+                old_items, old_matrix = self._tenants[tenant]
+                items, matrix = old_items + items, np.vstack([old_matrix, matrix])
+            self._tenants[tenant] = (items, matrix)
+
+    async def refresh(self, store: FeedbackStore) -> int:
+        """Load the examples stored since the last call; returns how many."""
+        new = await store.examples(None, min_id=self.last_id)
+        self.extend(new)
+        return len(new)
 
     @staticmethod
     def retrieved(example: StoredExample, similarity: float) -> RetrievedExample:
@@ -314,15 +337,18 @@ class RouterTrainingSet:
 
 
 async def router_training_set(store: FeedbackStore, models: ModelStore, embedder: Embedder, settings: Settings,
-                              state: RouterState, data: TrainingData,
-                              weights: RewardWeights = RewardWeights()) -> RouterTrainingSet:
-    """(context, tier, reward) triples of every labelled answer on a configured tier."""
+                              state: RouterState, data: TrainingData, weights: RewardWeights = RewardWeights(),
+                              example_history: ExampleHistory | None = None) -> RouterTrainingSet:
+    """(context, tier, reward) triples of every labelled answer on a configured tier. ``example_history``:
+    a kept ``ExampleHistory`` (refreshed here), else every example is loaded."""
     tiers = {t.name for t in settings.tiers}
     outcomes = [o for o in data.outcomes if o.tier in tiers]
     ids = sorted({o.request_id for o in outcomes})
     requests = [data.requests[i] for i in ids]
     vectors = await embed_texts(embedder, [r.prompt_text for r in requests])
-    example_history = ExampleHistory(await store.examples(None))
+    if example_history is None:
+        example_history = ExampleHistory()
+    await example_history.refresh(store)
     selector = await load_selector(models, settings)
     examples = await routing_examples(store, selector, example_history, requests, vectors, settings)
     best = data.best_quality()
@@ -375,11 +401,7 @@ async def fit_router(store: FeedbackStore, models: ModelStore, embedder: Embedde
     if not training.tiers:
         return RouterFit(None, 0, 0, None, {}, {}, rates)
     loss = state.bandit.model.fit(training.contexts, training.tiers, training.rewards, epochs=epochs)
-    for row in await store.recent_feedback(limit):  # pairwise verdicts also feed the Thompson prior
-        if row.pairwise and row.tier in state.bandit.beta and row.other_tier in state.bandit.beta \
-                and row.tier != row.other_tier:
-            won = {"win": 1.0, "tie": 0.5, "loss": 0.0}[pairwise_outcome(row.score)]
-            state.bandit.record_comparison(row.tier, row.other_tier, won)
+    record_comparisons(state.bandit, await store.recent_feedback(limit))
     by_tier: dict[str, list[float]] = defaultdict(list)
     for tier, value in zip(training.tiers, training.rewards, strict=True):
         by_tier[tier].append(value)
@@ -391,6 +413,52 @@ async def fit_router(store: FeedbackStore, models: ModelStore, embedder: Embedde
                        {t: round(float(np.mean(v)), 4) for t, v in sorted(by_tier.items())}, preferred, rates)
     if save:
         result.version = await models.save(ROUTER_MODEL, state.to_dict(), result.summary())
+    return result
+
+
+@dataclass
+class OnlineUpdate:
+    version: int | None
+    rows: int
+    samples: int
+    loss: float | None
+
+
+def record_comparisons(policy: BanditRouter, rows: Sequence[Feedback]) -> int:
+    """Pairwise verdicts between two tiers feed the Thompson-sampling prior of selective feedback."""
+    counted = 0
+    for row in rows:
+        if row.pairwise and row.tier in policy.beta and row.other_tier in policy.beta and row.tier != row.other_tier:
+            won = {"win": 1.0, "tie": 0.5, "loss": 0.0}[pairwise_outcome(row.score)]
+            policy.record_comparison(row.tier, row.other_tier, won)
+            counted += 1
+    return counted
+
+
+async def update_router_online(store: FeedbackStore, models: ModelStore, embedder: Embedder, settings: Settings,
+                               rows: Sequence[Feedback], *, steps: int = 5, save: bool = True,
+                               example_history: ExampleHistory | None = None) -> OnlineUpdate:
+    """Adapt the stored router to new feedback ``rows``: a few plain-SGD steps on their triples (the
+    bandit's ``observe``) and their pairwise verdicts into the Thompson prior; stores a new version.
+    Nothing happens before ``echolm router fit`` stored a first state."""
+    stored = await models.load(ROUTER_MODEL)
+    if stored is None or not rows:
+        return OnlineUpdate(None, len(rows), 0, None)
+    state = RouterState.from_dict(stored.state)
+    data = await training_data_from_rows(store, rows)
+    training = await router_training_set(store, models, embedder, settings, state, data,
+                                         example_history=example_history)
+    loss = None
+    if training.tiers:
+        loss = state.bandit.observe(training.contexts, training.tiers, training.rewards, steps=steps)
+    compared = record_comparisons(state.bandit, rows)
+    if not training.tiers and not compared:
+        return OnlineUpdate(None, len(rows), 0, None)
+    result = OnlineUpdate(None, len(rows), len(training.tiers), None if loss is None else round(float(loss), 6))
+    if save:
+        metrics = {**stored.metrics, "online": {"rows": result.rows, "samples": result.samples, "loss": result.loss,
+                                                "from_version": stored.version}}
+        result.version = await models.save(ROUTER_MODEL, state.to_dict(), metrics)
     return result
 
 
@@ -477,8 +545,9 @@ async def calibrate_router(store: FeedbackStore, models: ModelStore, embedder: E
     loads = historical_loads(requests, load_tier, float(settings.tier(load_tier).concurrency))
     vectors = await embed_texts(embedder, [r.prompt_text for r in requests])
     selector = await load_selector(models, settings)
-    examples = await routing_examples(store, selector, ExampleHistory(await store.examples(None)), requests, vectors,
-                                      settings)
+    history = ExampleHistory()
+    await history.refresh(store)
+    examples = await routing_examples(store, selector, history, requests, vectors, settings)
     contexts = np.stack([context_vector(v, ExampleFeatures.from_retrieved(e), state.embedding_dim)
                          for v, e in zip(vectors, examples, strict=True)])
     costs = [relative_costs(state, settings, r, e) for r, e in zip(requests, examples, strict=True)]
@@ -522,7 +591,3 @@ def _choose(points: Sequence[CalibrationPoint], target_offload: float | None,
     if meeting:
         return max(meeting, key=lambda p: (p.offload, p.threshold)), True
     return max(rated, key=lambda p: (p.win_rate or 0.0, p.offload)), False
-
-
-def finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value

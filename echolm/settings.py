@@ -144,6 +144,8 @@ class LearningSettings(BaseModel):
     max_examples: int = Field(default=5, ge=0, description="examples kept per request at most (stage 2)")
     model_poll_interval_s: float = Field(default=10.0, gt=0, description="how often workers look for a newly stored selector or router model")
     helped_quality: float = Field(default=0.5, ge=0, le=1, description="an outcome at least this good (0.5 = parity with the reference tier) counts as 'the examples helped'")
+    online_interval_s: float = Field(default=60.0, gt=0, description="'learn' stage: how often new feedback updates the stored router")
+    selector_refit_interval_s: float = Field(default=3600.0, gt=0, description="'learn' stage: how often the helpfulness proxy is retrained and its threshold re-chosen")
 
 
 class BanditSettings(BaseModel):

@@ -281,8 +281,9 @@ class FeedbackStore:
                     if isinstance(t, dict) and "generate" in t]
 
     async def examples(self, ids: Sequence[int] | None = None, *, tenant: str | None = None,
-                       include_inactive: bool = True, limit: int = 200_000) -> list[StoredExample]:
-        """Examples with their embeddings: by id, or (``ids`` None) every one of ``tenant`` up to ``limit``."""
+                       include_inactive: bool = True, min_id: int = 0, limit: int = 200_000) -> list[StoredExample]:
+        """Examples with their embeddings: by id, or (``ids`` None) every one of ``tenant`` with an id above
+        ``min_id``, in id order, up to ``limit``."""
         columns = (ExampleRow.id, ExampleRow.tenant, ExampleRow.source_request_id, ExampleRow.quality,
                    ExampleRow.prompt, ExampleRow.response, ExampleRow.model, ExampleRow.tier, ExampleRow.created_at,
                    ExampleRow.embedding)
@@ -300,7 +301,7 @@ class FeedbackStore:
                     out.extend(convert(r) for r in await connection.execute(
                         select(*columns).where(ExampleRow.id.in_(chunk))))
                 return out
-            query = select(*columns).order_by(ExampleRow.id).limit(limit)
+            query = select(*columns).where(ExampleRow.id > min_id).order_by(ExampleRow.id).limit(limit)
             if tenant is not None:
                 query = query.where(ExampleRow.tenant == tenant)
             if not include_inactive:

@@ -245,6 +245,47 @@ async def test_feedback_moves_the_router_and_calibration_turns_the_knob(database
         await history.aclose()
 
 
+async def test_the_learn_stage_adapts_the_router_to_new_feedback(database_url, embedder, tmp_path):
+    from streams.learn_stage import LearnerState, learn_step
+
+    settings = settings_for(tmp_path, database_url=database_url)
+    example_ids = await plant_history(database_url, embedder)
+    learner = LearnerState(next_selector_fit=float("inf"))
+    assert await learn_step(settings, embedder, learner) == {"router": {"rows": 40, "samples": 0, "version": None}}, \
+        "nothing to adapt before `router fit`"
+    history = SqlHistoryStore(database_url)
+    store, models = FeedbackStore(history), ModelStore(history)
+    try:
+        await fit_router(store, models, embedder, settings, epochs=120)
+        router = LoadAwareBanditRouter(settings, RouterState.from_dict((await models.load(ROUTER_MODEL)).state))
+        probe = route_context(embedder, "Write a short poem about a snowy field.")
+
+        def small_margin(r: LoadAwareBanditRouter) -> float:
+            scores = r.route(probe).scores
+            return scores["small"] - scores["large"]
+
+        before = small_margin(router)
+        # New verdicts: the small tier now writes poems as well as the large one (e.g. after a model upgrade).
+        poems = [f"Write a short poem about {t}." for t in ("a red kite", "the old pier", "a foggy valley", "the tide")]
+        at = datetime.now(UTC) + timedelta(minutes=5)
+        vectors = embedder.embed(poems)
+        example_vecs = embedder.embed(EXAMPLE_POEMS)
+        await history.record_responses([log_row(f"new{i}", p, "small", at, example_ids[2:],
+                                                [float(np.dot(v, e)) for e in example_vecs])
+                                        for i, (p, v) in enumerate(zip(poems, vectors))])
+        await store.record_feedback([Feedback(f"judge:new{i}", f"new{i}", "pairwise", "judge", 2.0, 5 / 6, tier="small",
+                                              other_tier="large") for i in range(len(poems))])
+        report = await learn_step(settings, embedder, learner)
+        assert report["router"]["rows"] == 4 and report["router"]["samples"] == 8 and report["router"]["version"] == 2
+        stored = await models.load(ROUTER_MODEL)
+        assert stored.metrics["online"]["from_version"] == 1
+        after = small_margin(LoadAwareBanditRouter(settings, RouterState.from_dict(stored.state)))
+        assert after > before, "new feedback moved the router towards the small tier for poems"
+        assert await learn_step(settings, embedder, learner) == {}, "feedback is learned from once"
+    finally:
+        await history.aclose()
+
+
 async def test_selector_fit_learns_which_examples_help_and_retrievers_reload_it(database_url, embedder, tmp_path):
     settings = settings_for(tmp_path, database_url=database_url, learning={"selection_threshold": 0.3})
     example_ids = await plant_history(database_url, embedder)
