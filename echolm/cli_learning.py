@@ -232,7 +232,8 @@ def router_calibrate(
             "win_rate": None if result.chosen.win_rate is None else round(result.chosen.win_rate, 4),
             "target_reached": result.reached, "stored_version": result.version})
     if not result.reached:
-        typer.echo("target not reachable with this router and traffic: the closest threshold was chosen", err=True)
+        typer.echo("target not reachable with this router and traffic: the closest threshold was chosen. The bias "
+                   "is bounded by bandit.lambda0 per unit of relative cost; a larger lambda0 reaches further.", err=True)
 
 
 @router_app.command("show")
