@@ -37,7 +37,7 @@ from echolm.domain import Example, RetrievedExample
 from echolm.history.feedback_store import Feedback, FeedbackStore, LoggedRequest, Outcome, StoredExample
 from echolm.judging.pairwise import MAX_SCORE, TIE_MARGIN, outcome as pairwise_outcome
 from echolm.model_store import HELPFULNESS_MODEL, ROUTER_MODEL, ModelStore
-from echolm.policy.bandit import BanditRouter, ExampleFeatures, RewardWeights, TierUtilityModel, context_vector, reward
+from echolm.policy.bandit import BanditRouter, ExampleFeatures, RewardWeights, context_vector, reward
 from echolm.policy.helpfulness import HelpfulnessModel, HelpfulnessPair
 from echolm.policy.threshold import choose_threshold, summarise_outcomes
 from echolm.protocols import Embedder

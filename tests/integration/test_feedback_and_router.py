@@ -8,7 +8,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from echolm.history.migrate import upgrade
 from echolm.history.store import SqlHistoryStore
 from echolm.learning import calibrate_router, fit_router, fit_selector
 from echolm.model_store import ROUTER_MODEL, ModelStore
-from echolm.policy.bandit import ExampleFeatures
 from echolm.protocols import ExampleCandidate, ResponseLog, RoutingContext
 from echolm.retrieval.embedder import SentenceTransformerEmbedder
 from echolm.routing.bandit_router import BanditRouterService, LoadAwareBanditRouter, RouterState
@@ -411,3 +409,25 @@ def test_judge_stage_stores_a_verdict_for_a_sampled_offloaded_request(tmp_path, 
     assert -3 <= verdict.score <= 3 and verdict.quality == pytest.approx((verdict.score + 3) / 6)
     assert verdict.detail is not None and verdict.detail["judge"] == "llm:qwen2.5-coder-0.5b-instruct"
     assert verdict.detail["reference_answer"].strip() and verdict.detail["reference_model"] == SMOLLM
+
+
+def test_cli_feedback_direct_reports_bad_lines_and_router_fit_needs_labels(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from streams.worker import settings_env
+
+    settings = settings_for(tmp_path)
+    env = {**os.environ, **settings_env(settings)}
+    lines = "\n".join([json.dumps({"request_id": "r1", "rating": "up"}),
+                       json.dumps({"request_id": "r1", "rating": "up"}),  # a duplicate: stored once
+                       json.dumps({"request_id_a": "r1", "preferred": "a"})])
+    done = subprocess.run([sys.executable, "-m", "echolm.cli", "feedback", "-", "--direct"], input=lines, text=True,
+                          capture_output=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"accepted": 2, "stored_new": 1, "rejected": 1}
+    assert "rejected line 3: a preference between two requests needs both request_id_a and request_id_b" in done.stderr
+    fit = subprocess.run([sys.executable, "-m", "echolm.cli", "router", "fit", "--dry-run"], text=True,
+                         capture_output=True, env=env, timeout=300)
+    assert fit.returncode == 1 and "no labelled answers yet" in fit.stderr

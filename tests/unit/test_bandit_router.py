@@ -205,3 +205,31 @@ def test_calibration_picks_the_least_bias_meeting_an_offload_target_and_the_most
     assert _choose(points, None, 0.6)[1] is False
     rate, judged = win_rate_of(["small", "large", "small"], ["a", "b", "c"], {("a", "small"): 0.75}, "large")
     assert (rate, judged) == (0.75, 2)  # a win (score 1.5) and the reference tier's tie; c has no outcome
+
+
+async def test_generate_workers_measure_backlog_per_assigned_tier_topic():
+    from collections import namedtuple
+
+    from streams import metrics
+    from streams.load_stage import measure
+
+    TP = namedtuple("TP", "topic partition")
+    config = settings()
+    large_topic = config.topics.generate("large")
+
+    class FakeConsumer:
+        _committed_offset = {TP(large_topic, 0): 7, TP(large_topic, 1): None}
+
+        def assignment(self):
+            return {TP(large_topic, 0), TP(large_topic, 1), TP("other", 0)}
+
+        async def highwaters(self, *partitions):
+            return {tp: {0: 10, 1: 2}[tp.partition] for tp in partitions}
+
+    metrics.TIER_IN_FLIGHT.labels("large").set(1)
+    try:
+        reports = await measure(FakeConsumer(), config, "w1")
+    finally:
+        metrics.TIER_IN_FLIGHT.labels("large").set(0)
+    # (10 - 7) + (2 - 0) waiting or running, one of them running; the small tier has no partitions here.
+    assert [(r.tier, r.worker, r.queue, r.in_flight, r.capacity) for r in reports] == [("large", "w1", 4, 1, 1)]
