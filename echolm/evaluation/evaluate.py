@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from echolm.evaluation.efficiency import CostModel, CostSample, ValidationPoint, fit_cost_model
-from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache
-from echolm.evaluation.harness import PHASES, WorkloadRun, default_embedder, run_phases
+from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs
+from echolm.evaluation.harness import PHASES, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.quality import VerdictCache
 from echolm.evaluation.report import (
     ALWAYS_LARGE,
@@ -63,6 +63,9 @@ class EvalConfig:
     generate: bool = True
     max_minutes: float | None = None
     generation_timeout_s: float = 900.0
+    generation_threads: int | None = 1
+    calibrate_per_arm: int = 3
+    calibrate_repeats: int = 2
     validate: int = 0
     out_dir: Path = Path("out/eval")
     figures_dir: Path | None = Path("docs/figures")
@@ -70,10 +73,19 @@ class EvalConfig:
     progress: bool = True
 
 
-def eval_settings(base: Settings, timeout_s: float) -> Settings:
-    """The configured tiers with a generous per-call timeout: a generation slowed by a busy machine must
-    finish (a timeout here is a lost measurement, not a served request)."""
-    tiers = [tier.model_copy(update={"timeout_s": max(tier.timeout_s, timeout_s)}) for tier in base.tiers]
+def eval_settings(base: Settings, timeout_s: float, threads: int | None = None) -> Settings:
+    """The configured tiers with a generous per-call timeout (a generation slowed by a busy machine must
+    finish: a timeout here is a lost answer, not a served request) and, if given, a thread count.
+
+    Answers are generated with one thread by default: on a machine shared with other jobs, llama.cpp with
+    as many threads as cores stalls at every synchronisation point (measured here: 6 s -> 127 s for one
+    answer). Costs are then measured separately with the serving thread count (phase ``calibrate``)."""
+    tiers = []
+    for tier in base.tiers:
+        update = {"timeout_s": max(tier.timeout_s, timeout_s)}
+        if threads is not None:
+            update["n_threads"] = threads
+        tiers.append(tier.model_copy(update=update))
     return base.model_copy(update={"tiers": tiers})
 
 
@@ -86,33 +98,54 @@ def _workloads(config: EvalConfig, settings: Settings) -> list[Workload]:
     return loaded
 
 
-def measured_costs(cache: GenerationCache, settings: Settings, overhead_s: float) -> CostModel:
-    """The per-tier cost model fitted on every generation stored for the configured tiers' models."""
-    tier_of = {tier.model: tier.name for tier in settings.tiers}
+def measured_costs(cache: GenerationCache, serving: Settings, overhead_s: float) -> tuple[CostModel, str]:
+    """The per-tier cost model: fitted on the calibration timings (fastest of the repeats, serving thread
+    count) when every tier has at least 3, else on the generation runs' own timings. Returns the model
+    and a sentence saying which."""
+    threads = {tier.n_threads for tier in serving.tiers}
+    calibrated = [CostSample(t, p, c, s) for th in threads for t, p, c, s, _ in cache.fastest_timings(th)]
+    per_tier = {tier.name: sum(s.tier == tier.name for s in calibrated) for tier in serving.tiers}
+    if calibrated and min(per_tier.values()) >= 3:
+        return (fit_cost_model(calibrated, retrieval_overhead_s=overhead_s),
+                f"calibration timings: {len(calibrated)} requests, each the fastest of its repeated runs, with the "
+                f"serving thread count ({threads.pop() or 'all cores'})")
+    tier_of = {tier.model: tier.name for tier in serving.tiers}
     samples = [CostSample(tier_of[model], p, c, s) for model, p, c, s, _ in cache.measured() if model in tier_of]
-    return fit_cost_model(samples, retrieval_overhead_s=overhead_s)
+    return (fit_cost_model(samples, retrieval_overhead_s=overhead_s),
+            f"the generation runs' own timings ({len(samples)} generations; no calibration yet)")
 
 
-def _stage2_selector(settings: Settings) -> Any:
-    """Stage 2 from ``echolm.selection`` when that module offers ``eval_selector(settings)``; else None.
+def _stage2_selector(settings: Settings, k: int) -> Any:
+    """Stage 2 (``echolm.selection.ExampleSelector``) when the module is there, else None.
 
-    The hook: a callable (item, candidates [(cache index, similarity)], examples) -> chosen indices.
+    Returns a callable (item, candidates [(cache index, similarity)], examples) -> kept cache indices.
+    The selector runs with its cold-start rule (no trained helpfulness proxy exists for this traffic):
+    keep candidates with similarity >= ``learning.selection_threshold``, at most ``k``, within the budget.
     """
     try:
-        from echolm import selection  # type: ignore[attr-defined]
+        from echolm.selection import ExampleSelector, SelectionPolicy
     except ImportError:
         return None
-    factory = getattr(selection, "eval_selector", None)
-    return factory(settings) if callable(factory) else None
+    from echolm.domain import RetrievedExample
+
+    def select(item: Any, candidates: list[tuple[int, float]], examples: list[Any]) -> tuple[int, ...]:
+        policy = SelectionPolicy(settings.learning.selection_threshold, k, settings.max_examples_prompt_chars)
+        retrieved = [RetrievedExample(example=examples[i], similarity=sim) for i, sim in candidates]
+        kept = ExampleSelector(policy).select(None, retrieved)
+        return tuple(sorted(r.example.id - 1 for r in kept))
+
+    return select
 
 
 def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str, Any]:
     """Generate (unless ``config.generate`` is off), score, plot and report; returns the figures."""
-    settings = eval_settings(base or Settings(), config.generation_timeout_s)
+    base = base or Settings()
+    settings = eval_settings(base, config.generation_timeout_s, config.generation_threads)
+    serving = eval_settings(base, config.generation_timeout_s)
     cache = GenerationCache(config.cache_dir)
     verdicts = VerdictCache(config.cache_dir)
     embedder = default_embedder(settings)
-    selector = _stage2_selector(settings)
+    selector = _stage2_selector(settings, config.k)
     runs = []
     for workload in _workloads(config, settings):
         run = WorkloadRun.build(workload, settings, cache, embedder, k=config.k, seed=config.seed)
@@ -121,14 +154,18 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
     started = time.monotonic()
     if config.generate:
         deadline = started + 60 * config.max_minutes if config.max_minutes else None
-        run_phases(runs, settings, cache, phases=config.phases, deadline=deadline, progress=config.progress)
+        done = run_phases(runs, settings, cache, phases=config.phases, deadline=deadline, progress=config.progress)
+        if "calibrate" in config.phases and (deadline is None or time.monotonic() < deadline) \
+                and len(done) == len([p for p in config.phases if p != "calibrate"]):
+            calibrate_costs(calibration_jobs(runs, config.calibrate_per_arm), serving, cache,
+                            repeats=config.calibrate_repeats, progress=config.progress)
     generation_wall_s = time.monotonic() - started
 
     overhead = sum(r.embed_seconds_per_request for r in runs) / len(runs)
-    costs = measured_costs(cache, settings, overhead)
+    costs, cost_source = measured_costs(cache, serving, overhead)
     results: dict[str, Any] = {"config": _config_dict(config), "machine": machine_description(),
                                "cost_model": {t: vars_of(m) for t, m in costs.tiers.items()},
-                               "retrieval_overhead_s": overhead, "generation_wall_s_this_run": generation_wall_s,
+                               "retrieval_overhead_s": overhead, "cost_source": cost_source, "generation_wall_s_this_run": generation_wall_s,
                                "generations_cached": len(cache), "workloads": {}}
     sections = []
     pareto: dict[str, dict[str, list[SystemPoint]]] = {}
@@ -141,7 +178,7 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         results["workloads"][run.workload.name] = workload_summary(run, systems, sizes[run.workload.name])
         sections.append(workload_section(run, scorer, systems, sizes[run.workload.name]))
     if config.validate > 0:
-        results["validation"] = [vars_of(v) for v in _validate(config, settings, runs, costs, pareto)]
+        results["validation"] = [vars_of(v) for v in _validate(config, serving, runs, costs, pareto)]
     figures = _plots(config, pareto, sizes, runs)
     results["figures"] = [str(f) for f in figures]
     config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,11 +219,8 @@ def _plots(config: EvalConfig, pareto: dict[str, dict[str, list[SystemPoint]]],
     directory = config.figures_dir or config.out_dir
     figures = []
     for name, systems in pareto.items():
-        max_ratio = max(p.throughput_ratio for points in systems.values() for p in points
-                        if p.cache_hit_share < 0.999)
         figures.append(pareto_plot(systems, directory / f"pareto_{name}.png",
-                                   title=f"{name}: win rate vs throughput (n={runs_by(runs, name)})",
-                                   max_ratio=max(2.0, min(max_ratio * 1.15, 6.0))))
+                                   title=f"{name}: win rate vs throughput ({runs_by(runs, name)})"))
     n_cache = {run.workload.name: len(run.workload.cache) for run in runs}
     figures.append(cache_size_plot({k: v for k, v in sizes.items() if v}, n_cache, directory / "cache_size.png",
                                    title="small model + nearest examples: win rate vs cache size"))
@@ -236,7 +270,7 @@ def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
     nearest = systems.get(SMALL_NEAREST)
     if small and nearest:
         targets["small_win_rate_lift_points"] = 100 * (nearest[0].win_rate - small[0].win_rate)
-    for name in (ECHOLM_SIMILARITY, "EchoLM (stage 1 + learned router)", "EchoLM (stage 2 + learned router)"):
+    for name in (ECHOLM_SIMILARITY, "EchoLM (stage 1 + learned router)", "EchoLM (stage 2 + bandit router)"):
         if name in systems:
             best = throughput_at_win_rate(systems[name], 0.5)
             targets[f"{name}: throughput at win rate >= 0.5"] = best.throughput_ratio if best else None
@@ -273,7 +307,7 @@ def workload_section(run: WorkloadRun, scorer: WorkloadScorer, systems: dict[str
 def render_results(results: dict[str, Any], sections: list[str], costs: CostModel) -> str:
     lines = [RESULTS_BEGIN, "", f"_Generated by `echolm eval` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"machine: {results['machine']}; {results['generations_cached']} generations in the cache._", "",
-             "#### Cost model (fitted on every measured generation)", "",
+             "#### Cost model", "", f"Fitted on {results['cost_source']}.", "",
              "| tier | prefill tok/s | decode tok/s | intercept s | samples (outliers dropped) | median abs. error |",
              "|---|---|---|---|---|---|"]
     for tier, model in costs.tiers.items():

@@ -43,6 +43,16 @@ CREATE TABLE IF NOT EXISTS generations (
     load_avg REAL,
     error TEXT,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS timings (
+    key TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    threads INTEGER,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    load_avg REAL,
+    created_at REAL NOT NULL
 )
 """
 
@@ -96,7 +106,7 @@ class GenerationCache:
         self.path = self.directory / "generations.sqlite"
         self._db = sqlite3.connect(self.path, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self._db.commit()
 
     def get(self, key: str) -> CachedGeneration | None:
@@ -128,6 +138,27 @@ class GenerationCache:
                                 "WHERE error IS NULL ORDER BY created_at").fetchall()
         return [(str(m), int(p), int(c), float(s), None if la is None else float(la)) for m, p, c, s, la in rows]
 
+    def add_timing(self, job: GenerationJob, threads: int | None, result: CachedGeneration) -> None:
+        """One calibration measurement (several per job are kept: the cost model takes the fastest)."""
+        self._db.execute("INSERT INTO timings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (job.key, job.tier, threads, result.prompt_tokens, result.completion_tokens, result.latency_s,
+                          result.load_avg, time.time()))
+        self._db.commit()
+
+    def timing_counts(self, keys: Iterable[str], threads: int | None) -> dict[str, int]:
+        counts = {}
+        for key in dict.fromkeys(keys):
+            counts[key] = int(self._db.execute(
+                "SELECT COUNT(*) FROM timings WHERE key = ? AND threads IS ?", (key, threads)).fetchone()[0])
+        return counts
+
+    def fastest_timings(self, threads: int | None) -> list[tuple[str, int, int, float, int]]:
+        """(tier, prompt tokens, completion tokens, fastest seconds, measurements) per calibrated job."""
+        rows = self._db.execute(
+            "SELECT tier, prompt_tokens, completion_tokens, MIN(seconds), COUNT(*) FROM timings WHERE threads IS ? "
+            "GROUP BY key, tier", (threads,)).fetchall()
+        return [(str(t), int(p), int(c), float(s), int(n)) for t, p, c, s, n in rows]
+
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM generations").fetchone()[0])
 
@@ -149,7 +180,8 @@ def _load_average() -> float | None:
 
 
 async def _generate_all(jobs: Sequence[GenerationJob], tiers: dict[str, TierSettings], settings: Settings,
-                        cache: GenerationCache, on_done: Callable[[GenerationJob, CachedGeneration], None]) -> None:
+                        cache: GenerationCache, on_done: Callable[[GenerationJob, CachedGeneration], None],
+                        timing_only: bool = False) -> None:
     from echolm.generation.factory import make_generator
 
     generators = {}
@@ -173,7 +205,11 @@ async def _generate_all(jobs: Sequence[GenerationJob], tiers: dict[str, TierSett
                 stored = CachedGeneration(job.key, job.model, result.text, result.prompt_tokens,
                                           result.completion_tokens, result.finish_reason, result.latency_s, load,
                                           None)
-            cache.put(job, stored)
+            if timing_only:
+                if stored.error is None:
+                    cache.add_timing(job, tiers[job.tier].n_threads, stored)
+            else:
+                cache.put(job, stored)
             on_done(job, stored)
     finally:
         for generator in generators.values():
@@ -205,6 +241,39 @@ def generate_missing(jobs: Sequence[GenerationJob], settings: Settings, cache: G
 
     try:
         asyncio.run(_generate_all(todo, tiers, settings, cache, on_done))
+    finally:
+        if bar is not None:
+            bar.close()
+    return len(todo)
+
+
+def calibrate_costs(jobs: Sequence[GenerationJob], settings: Settings, cache: GenerationCache, *, repeats: int = 2,
+                    progress: bool = True) -> int:
+    """Time ``jobs`` ``repeats`` times each with the tiers as configured (threads included), for the cost
+    model. Rounds go through the whole list, so a job never directly follows itself (llama.cpp would reuse
+    its whole prompt from the KV cache). Measurements already stored count; returns how many ran now."""
+    tiers = {tier.name: tier for tier in settings.tiers}
+    unique = list({job.key: job for job in jobs}.values())
+    done = {tier: cache.timing_counts([j.key for j in unique if j.tier == tier], tiers[tier].n_threads)
+            for tier in {j.tier for j in unique}}
+    rounds = [[job for job in unique if done[job.tier][job.key] <= r] for r in range(repeats)]
+    todo = [job for jobs_of_round in rounds for job in jobs_of_round]
+    if not todo:
+        return 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="calibrating costs", unit="gen", dynamic_ncols=True)
+
+    def on_done(job: GenerationJob, stored: CachedGeneration) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{job.tier} {stored.prompt_tokens}+{stored.completion_tokens} tok "
+                                f"{stored.latency_s:.1f}s")
+            bar.update(1)
+
+    try:
+        asyncio.run(_generate_all(todo, tiers, settings, cache, on_done, timing_only=True))
     finally:
         if bar is not None:
             bar.close()

@@ -7,7 +7,9 @@ early (or given a ``--max-minutes`` budget) still has the most important arms fo
 2. ``large``, ``small``: the traffic on each tier alone;
 3. ``nearest``, ``random``: the small tier with stage 1's nearest examples, and with random ones;
 4. ``cache-size``: stage 1 on smaller caches (prefixes of the cache part);
-5. ``selected``: stage 2's selection, when ``echolm.selection`` provides one.
+5. ``selected``: stage 2's selection, when ``echolm.selection`` provides one;
+6. ``calibrate``: a few requests of each main arm timed again with the serving thread count (the cost
+   model's input; see ``echolm.evaluation.efficiency``).
 
 Every generation lands in the ``GenerationCache`` first, so phases already done cost nothing on a re-run.
 """
@@ -32,7 +34,8 @@ from echolm.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected")
+PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected", "calibrate")
+CALIBRATION_ARMS = ("large", "small", "small+nearest")
 # Cache sizes of the sweep, as fractions of the cache part, in the order they are generated.
 CACHE_SIZE_FRACTIONS = (0.5, 0.1, 0.25, 0.01)
 
@@ -173,6 +176,8 @@ def run_phases(runs: Sequence[WorkloadRun], settings: Settings, cache: Generatio
     (``time.monotonic()``) has passed. Returns the phases completed."""
     done = []
     for phase in phases:
+        if phase == "calibrate":
+            continue  # needs the serving settings: run by calibrate_costs
         for run in runs:
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("time budget spent: stopping before phase %s of %s", phase, run.workload.name)
@@ -183,6 +188,18 @@ def run_phases(runs: Sequence[WorkloadRun], settings: Settings, cache: Generatio
             log.info("%s %s: %d jobs, %d generated now", run.workload.name, phase, len(jobs), ran)
         done.append(phase)
     return done
+
+
+def calibration_jobs(runs: Sequence[WorkloadRun], per_arm: int) -> list[GenerationJob]:
+    """``per_arm`` distinct traffic requests per workload and main arm, spread over the traffic order."""
+    jobs = []
+    for run in runs:
+        items = run.workload.unique_traffic
+        step = max(1, len(items) // max(1, per_arm))
+        chosen = items[::step][:per_arm]
+        for arm_name in CALIBRATION_ARMS:
+            jobs.extend(run.job(item, run.arm_for(item, arm_name)) for item in chosen)
+    return jobs
 
 
 def default_embedder(settings: Settings) -> Embedder:

@@ -25,6 +25,7 @@ from echolm.evaluation.report import (  # noqa: E402
     SEMANTIC_CACHE,
     SMALL_NEAREST,
     SMALL_RANDOM,
+    SMALL_SELECTED,
     SystemPoint,
     frontier,
 )
@@ -34,6 +35,7 @@ STYLE: dict[str, dict[str, object]] = {
     ALWAYS_SMALL: {"color": "grey", "marker": "v"},
     SMALL_RANDOM: {"color": "tab:olive", "marker": "x"},
     SMALL_NEAREST: {"color": "tab:green", "marker": "D"},
+    SMALL_SELECTED: {"color": "tab:cyan", "marker": "D"},
     ECHOLM_SIMILARITY: {"color": "tab:blue", "marker": "o"},
     ECHOLM_LEARNED: {"color": "tab:purple", "marker": "o"},
     ECHOLM_FULL: {"color": "tab:red", "marker": "o"},
@@ -59,9 +61,17 @@ def pareto_plot(systems: dict[str, list[SystemPoint]], path: Path, *, title: str
                 markersize=5, color=style.get("color"), marker=style.get("marker"), zorder=2)
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
     ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":")
-    if max_ratio is not None:
-        ax.set_xlim(0.0, max_ratio)
-    ax.set_xlabel("throughput relative to always-large (cost model)")
+    # Log scale: a semantic cache answering most requests from the cache is 100x+ faster than always-large,
+    # while the routers' interesting range is 1-3x.
+    ax.set_xscale("log", base=2)
+    ratios = [p.throughput_ratio for points in systems.values() for p in points]
+    low = min(0.5, min(ratios) * 0.9)
+    high = max(2.0, min(max(ratios) * 1.2, max_ratio or float("inf")))
+    ax.set_xlim(low, high)
+    ticks = [t for t in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if low <= t <= high]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}x" for t in ticks])
+    ax.set_xlabel("throughput relative to always-large (cost model; log scale)")
     ax.set_ylabel("win rate vs the large model")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)

@@ -27,7 +27,8 @@ SMALL_RANDOM = "small + random examples"
 SMALL_NEAREST = "small + nearest examples (stage 1)"
 ECHOLM_SIMILARITY = "EchoLM (stage 1 + similarity router)"
 ECHOLM_LEARNED = "EchoLM (stage 1 + learned router)"
-ECHOLM_FULL = "EchoLM (stage 2 + learned router)"
+SMALL_SELECTED = "small + stage 2 examples"
+ECHOLM_FULL = "EchoLM (stage 2 + bandit router)"
 SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
 ROUTELLM = "RouteLLM-style router (no examples)"
 TARGET_WIN_RATE = 0.5
@@ -175,6 +176,55 @@ class WorkloadScorer:
         return similarity_weighted_scores(ids, vectors, [self.items[r].group for r in ids], labels, dict(self.counts))
 
 
+    def bandit_scores(self, cheap_arm: str, *, epochs: int = 150, seed: int = 0) -> dict[str, float]:
+        """The bandit router's utility gap ``mu_small - mu_large``, trained leave-one-group-out.
+
+        Uses the project's ``TierUtilityModel`` on its ``context_vector`` (request embedding + features of
+        the request's examples on ``cheap_arm``) with its ``reward`` (verifier pass as quality, modelled
+        cost relative to the costlier arm, amplified penalty for a quality gap). For each near-duplicate
+        group a fresh model is fitted on every *other* request's two logged outcomes (small with examples,
+        large), weighted by how often the request was served, and scores the group's requests. Sweeping a
+        threshold on the gap is sweeping the load bias ``lambda0 * tanh(...) * (C_large - C_small)`` of the
+        paper's router, which shifts the same comparison.
+        """
+        from echolm.domain import RetrievedExample
+        from echolm.policy.bandit import ExampleFeatures, TierUtilityModel, context_vector, reward
+
+        ids = list(self.items)
+        dim = len(self.run.vectors[ids[0]])
+        contexts, samples = {}, {}
+        examples = self.run.examples()
+        for rid in ids:
+            item = self.items[rid]
+            arm = self.run.arm_for(item, cheap_arm)
+            sims = self.run.table.row(rid)
+            retrieved = [RetrievedExample(example=examples[i], similarity=float(sims[i])) for i in arm.examples]
+            contexts[rid] = context_vector(self.run.vectors[rid], ExampleFeatures.from_retrieved(retrieved), dim)
+            cheap, large = self.arm_result(item, cheap_arm), self.arm_result(item, "large")
+            top = max(cheap.cost_s, large.cost_s)
+            best = float(max(cheap.passed, large.passed))
+            samples[rid] = [("small", reward(float(cheap.passed), cheap.cost_s / top, best)),
+                            ("large", reward(float(large.passed), large.cost_s / top, best))]
+        scores = {}
+        for group in sorted({self.items[r].group for r in ids}):
+            held_out = [r for r in ids if self.items[r].group == group]
+            train = [r for r in ids if self.items[r].group != group]
+            x, tiers, rewards = [], [], []
+            for rid in train:
+                for tier, value in samples[rid]:
+                    for _ in range(self.counts[rid]):
+                        x.append(contexts[rid])
+                        tiers.append(tier)
+                        rewards.append(value)
+            model = TierUtilityModel(("small", "large"), dim + 5, hidden=(64,), seed=seed)
+            if x:
+                model.fit(np.stack(x), tiers, rewards, epochs=epochs, batch_size=64)
+            for rid in held_out:
+                mu = model.utilities(contexts[rid])
+                scores[rid] = mu["small"] - mu["large"]
+        return scores
+
+
 def _fixed(scorer: WorkloadScorer, system: str, arm: str, uses_retrieval: bool) -> SystemPoint:
     return scorer.evaluate(system, {rid: Choice(arm=arm) for rid in scorer.items}, uses_retrieval=uses_retrieval)
 
@@ -206,8 +256,9 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
                                                 scorer.learned_scores("small+nearest"), Choice(arm="small+nearest"),
                                                 Choice(arm="large"))
     if scorer.run.selector is not None and scorer.available("small+selected"):
-        systems[ECHOLM_FULL] = _router_sweep(scorer, ECHOLM_FULL, "predicted win rate >=",
-                                             scorer.learned_scores("small+selected"), Choice(arm="small+selected"),
+        systems[SMALL_SELECTED] = [_fixed(scorer, SMALL_SELECTED, "small+selected", True)]
+        systems[ECHOLM_FULL] = _router_sweep(scorer, ECHOLM_FULL, "utility gap mu_small - mu_large >=",
+                                             scorer.bandit_scores("small+selected"), Choice(arm="small+selected"),
                                              Choice(arm="large"))
     hits = {rid: Choice(cached_index=index, similarity=sim) for rid, (index, sim) in best.items()}
     systems[SEMANTIC_CACHE] = _router_sweep(scorer, SEMANTIC_CACHE, "similarity >=", similarity, hits,
@@ -291,7 +342,7 @@ def _ci(p: float, n: int) -> str:
 
 def systems_table(systems: dict[str, list[SystemPoint]], n_unique: int) -> str:
     rows = ["| system | knob at operating point | accuracy | win rate vs large (95% CI) | W/T/L | throughput vs "
-            "always-large (model / measured s) | to small | cache hits |",
+            "always-large (cost model / generation-run timings) | to small | cache hits |",
             "|---|---|---|---|---|---|---|---|"]
     for name, points in systems.items():
         p = operating_point(points)

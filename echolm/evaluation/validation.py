@@ -62,6 +62,8 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
     update: dict[str, object] = {
         "data_dir": data_dir, "database_url": None, "kafka_bootstrap": None, "admit_from_tiers": [],
         "retrieve_top_k": run.k, "min_similarity": -1.0, "default_tenant": EVAL_TENANT, "log_level": "WARNING",
+        # Stage 2 keeps every stage 1 candidate: the arm validated is "small + nearest examples".
+        "learning": base.learning.model_copy(update={"selection_threshold": -1.0, "max_examples": run.k}),
     }
     if policy == "always-large":
         update["router_policy"] = "always-large"

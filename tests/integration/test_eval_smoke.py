@@ -41,7 +41,8 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         summary = results["workloads"][name]
         systems = summary["systems"]
         assert {"always-large", "always-small", "small + nearest examples (stage 1)",
-                "semantic cache (GPTCache-style)", "RouteLLM-style router (no examples)"} <= set(systems)
+                "semantic cache (GPTCache-style)", "RouteLLM-style router (no examples)",
+                "EchoLM (stage 2 + bandit router)"} <= set(systems)
         large = systems["always-large"][0]
         assert large["win_rate"] == pytest.approx(0.5)  # by construction: a tie with itself
         assert large["throughput_ratio"] == pytest.approx(1.0)

@@ -49,3 +49,21 @@ def test_generate_missing_runs_only_what_is_not_cached(tmp_path) -> None:
     assert generate_missing(jobs, settings, cache, progress=False) == 0
     assert cache.get(jobs[2].key).text == "echo: q2"
     cache.close()
+
+
+def test_calibration_times_each_job_repeatedly_and_keeps_the_fastest(tmp_path) -> None:
+    from echolm.evaluation.generation_cache import calibrate_costs
+
+    settings = Settings(tiers=[TierSettings(name="small", backend="echo", model="echo-s", relative_cost=1.0,
+                                            simulated_latency_s=0.01),
+                               TierSettings(name="large", backend="echo", model="echo-l", relative_cost=3.0)])
+    jobs = [GenerationJob("small", "echo-s", (ChatMessage("user", f"q{i}"),), PARAMS) for i in range(2)]
+    cache = GenerationCache(tmp_path)
+    assert calibrate_costs(jobs, settings, cache, repeats=2, progress=False) == 4
+    assert calibrate_costs(jobs, settings, cache, repeats=2, progress=False) == 0
+    assert calibrate_costs(jobs, settings, cache, repeats=3, progress=False) == 2
+    fastest = cache.fastest_timings(None)
+    assert sorted(row[4] for row in fastest) == [3, 3]
+    assert all(row[0] == "small" and row[3] >= 0.01 for row in fastest)
+    assert len(cache) == 0  # timings never stand in for answers
+    cache.close()
