@@ -99,7 +99,8 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 @app.command()
 def worker(
-    stage: Annotated[str, typer.Option(help="all | embed | retrieve | route | generate | log")] = "all",
+    stage: Annotated[str, typer.Option(help="all, or one of: embed, retrieve, route, generate, log, "
+                                       "example-stats, replay, evict, feedback, judge, learn")] = "all",
     tier: Annotated[list[str] | None, typer.Option(help="generate stage: tier(s) to serve (default: all)")] = None,
     kafka_bootstrap: KafkaOpt = None,
     database_url: DbOpt = None,
