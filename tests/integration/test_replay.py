@@ -179,11 +179,9 @@ def offloaded_response(request_id: str, example_id: int) -> ResponseRecord:
 
 
 @pytest.mark.slow
-async def test_an_idle_replay_round_upgrades_a_weak_entry_end_to_end(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'echolm.db'}"
-    await upgrade(url)
-    settings = smollm_settings(tmp_path, url)
-    history = SqlHistoryStore(url)
+async def test_an_idle_replay_round_upgrades_a_weak_entry_end_to_end(tmp_path: Path, database_url: str) -> None:
+    settings = smollm_settings(tmp_path, database_url)
+    history = SqlHistoryStore(database_url)
     await history.start()
     from echolm.generation.factory import make_generator
 
@@ -198,7 +196,8 @@ async def test_an_idle_replay_round_upgrades_a_weak_entry_end_to_end(tmp_path: P
 
         # Three offloaded responses used the weak entry; the stage records them once however often delivered.
         stage = ExampleStatsStage(settings, SqlExampleStatsStore(history))
-        responses = [offloaded_response(f"used-{i}", weak_id) for i in range(3)]
+        run = uuid.uuid4().hex[:8]  # usage markers outlive the PostgreSQL fixture's truncation
+        responses = [offloaded_response(f"{run}-used-{i}", weak_id) for i in range(3)]
         await stage.process(responses)
         await stage.process(responses[:1])
         await stage.settle()
