@@ -259,7 +259,14 @@ class _Wiring:
         @self.app.timer(self.settings.cache_sync_interval_s)
         async def sync_example_cache() -> None:
             cache = await self.services.example_cache()
-            await cache.sync_from(await self.services.history())
+            try:
+                await cache.sync_from(await self.services.history())
+            except Exception as exc:
+                # An exception in a faust timer crashes the worker: a database outage would take every
+                # retriever down. Serve from the cache as it is; the next tick catches up.
+                log.warning("example cache sync failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc,
+                            self.settings.cache_sync_interval_s, extra={"stage": "retrieve"})
+                metrics.STAGE_ERRORS.labels("retrieve", "cache_sync").inc()
             metrics.CACHE_SIZE.set(len(cache))
 
     def route(self) -> None:
