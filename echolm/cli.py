@@ -48,11 +48,12 @@ def _settings(**overrides: Any) -> Settings:
     return settings
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("aiokafka", "faust", "mode", "httpx", "sentence_transformers", "alembic", "faiss"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    """Logging to stderr; ``log_format`` is ``settings.log_format`` (text, or json: one object per line)."""
+    from echolm.log_format import configure_logging
+
+    configure_logging(level, log_format,  # type: ignore[arg-type]
+                      quiet_loggers=("aiokafka", "faust", "mode", "httpx", "sentence_transformers", "alembic", "faiss"))
 
 
 @app.command()
@@ -76,7 +77,7 @@ def batch(
 
     settings = _settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, data_dir=data_dir,
                          default_tenant=tenant, router_policy=router_policy)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         summary = run_local_batch(settings, input_path, output, workers=workers, stall_timeout_s=stall_timeout,
                                   progress=progress)
@@ -112,7 +113,7 @@ def worker(
 
     settings = _settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, data_dir=data_dir,
                          metrics_port=metrics_port)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     if not settings.kafka_bootstrap:
         raise typer.BadParameter("a worker needs a broker: set --kafka-bootstrap or ECHOLM_KAFKA_BOOTSTRAP")
     asyncio.run(_migrate(settings))
@@ -130,7 +131,7 @@ def produce(
     from streams.produce import produce_lines
 
     settings = _settings(kafka_bootstrap=kafka_bootstrap, default_tenant=tenant)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     if not settings.kafka_bootstrap:
         raise typer.BadParameter("produce needs a broker: set --kafka-bootstrap or ECHOLM_KAFKA_BOOTSTRAP")
     handle = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8", errors="surrogateescape")
@@ -160,7 +161,7 @@ def import_history(
     from echolm.history_import import import_logs
 
     settings = _settings(database_url=database_url, data_dir=data_dir, default_tenant=tenant)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     asyncio.run(_migrate(settings))
     report = asyncio.run(import_logs(settings, logs, admit=admit, default_model=model))
     for line_no, message in report.rejected:
@@ -179,7 +180,7 @@ async def _migrate(settings: Settings) -> None:
 def migrate(database_url: DbOpt = None, data_dir: DataDirOpt = None) -> None:
     """Apply the database migrations (Alembic) up to the latest schema."""
     settings = _settings(database_url=database_url, data_dir=data_dir)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     asyncio.run(_migrate(settings))
     typer.echo(f"database at the latest schema: {settings.resolved_database_url}")
 
@@ -215,7 +216,7 @@ def models_fetch(names: Annotated[list[str], typer.Argument(help="model names (s
     from echolm.assets import resolve_model
 
     settings = _settings()
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     for name in names:
         typer.echo(f"{name}: {resolve_model(name, settings.model_cache_dir)}")
 
@@ -230,7 +231,7 @@ def demo(
     from streams.demo import run_demo
 
     settings = _settings()
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     result = run_demo(settings, out_dir=out_dir, n_history=history, n_requests=requests)
     _print_summary(result)
 

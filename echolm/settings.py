@@ -242,6 +242,7 @@ class Settings(BaseSettings):
 
     # Service
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_format: Literal["text", "json"] = Field(default="text", description="text, or json: one JSON object per line (ts, level, logger, message, request_id, stage)")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port")
     default_tenant: str = Field(default="default", description="tenant of requests that name none")
 

@@ -208,7 +208,10 @@ class _Wiring:
         try:
             return await handle(records)
         except Exception as exc:
-            log.exception("stage %s failed on a batch of %d", stage_name, len(records))
+            ids = [getattr(r, "request_id", None) or getattr(getattr(r, "request", None), "request_id", None)
+                   for r in records]
+            log.exception("stage %s failed on a batch of %d", stage_name, len(records),
+                          extra={"stage": stage_name, "request_ids": ids})
             metrics.STAGE_ERRORS.labels(stage_name, "stage_failed").inc(len(records))
             error = EchoLMError(ErrorCode.STAGE_FAILED, f"{stage_name} failed: {type(exc).__name__}: {exc}"[:500])
             out = []
@@ -316,7 +319,8 @@ class _Wiring:
                 return ResponseRecord.model_validate_json(raw)
             except Exception as exc:
                 # Nothing to answer to: a corrupt final record is logged and skipped.
-                log.error("corrupt response record key=%s skipped: %s", key, exc)
+                log.error("corrupt response record key=%s skipped: %s", key, exc,
+                          extra={"request_id": key, "stage": "log"})
                 metrics.STAGE_ERRORS.labels("log", "undecodable").inc()
                 return None
 

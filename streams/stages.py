@@ -120,7 +120,8 @@ class Decoder:
             return self._reject(key, raw, stage, f"corrupt in-flight record: {exc}"[:500])
 
     def _reject(self, key: str | None, raw: bytes, stage: str, problem: str) -> list[Outgoing]:
-        log.warning("rejecting undecodable record key=%s at %s: %s", key, stage, problem)
+        log.warning("rejecting undecodable record key=%s at %s: %s", key, stage, problem,
+                    extra={"request_id": key, "stage": stage})
         return failure_outputs(self._settings, undecodable_response(key, raw, stage, problem), raw)
 
 
@@ -215,7 +216,7 @@ class RouteStage:
             try:
                 await refresh()
             except Exception:  # routing goes on with the state it has
-                log.exception("router refresh failed")
+                log.exception("router refresh failed", extra={"stage": self.name})
         for record in records:
             started = time.perf_counter()
             request = record.request
@@ -290,11 +291,14 @@ class GenerateStage:
                 prompt, used = self._prompt(record)
                 result = await self._generator.generate(prompt, params, request_id=request.request_id)
             except EchoLMError as error:
+                log.warning("request %s ended with %s: %s", request.request_id, error.code.value, error.message,
+                            extra={"request_id": request.request_id, "stage": self.name})
                 timings = {**record.timings, "generate": time.perf_counter() - started}
                 return error_response(request, self.name, error, timings).model_copy(
                     update={"tier": self._tier.name, "route": record.route})
             except Exception as exc:  # a backend bug must still end the request explicitly
-                log.exception("generation failed for %s", request.request_id)
+                log.exception("generation failed for %s", request.request_id,
+                              extra={"request_id": request.request_id, "stage": self.name})
                 error = EchoLMError(ErrorCode.GENERATION_FAILED, f"{type(exc).__name__}: {exc}"[:500])
                 timings = {**record.timings, "generate": time.perf_counter() - started}
                 return error_response(request, self.name, error, timings).model_copy(
@@ -360,13 +364,14 @@ class LogStage:
 
     async def _with_retry(self, what: str, call, arg) -> None:  # type: ignore[no-untyped-def]
         delay = 0.2
+        ids = [getattr(item, "request_id", None) or getattr(item, "source_request_id", None) for item in arg]
         while True:
             try:
                 await call(arg)
                 return
             except Exception as exc:
                 log.warning("history unavailable (%s: %s); retrying %s in %.1fs", type(exc).__name__, exc,
-                            what, delay)
+                            what, delay, extra={"stage": self.name, "request_ids": ids, "retry_in_s": delay})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff_s)
 

@@ -28,7 +28,10 @@ def run_worker(settings: Settings, stage: str, tiers: tuple[str, ...]) -> None:
 
         start_http_server(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), override_logging=False)
+    json_logs = settings.log_format == "json"
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), override_logging=False, quiet=json_logs)
+    if json_logs:  # faust's banner and start-up spinner write raw text, which would break JSON lines
+        worker.spinner = None
     worker.execute_from_commandline()
 
 

@@ -216,7 +216,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
 def topology(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker, postgres_url: str):
     """One `echolm worker` process per stage (generate: one per tier), each with its own metrics port."""
     data_dir = tmp_path_factory.mktemp("topology")
-    settings = pipeline_settings(data_dir / "state", broker.bootstrap, postgres_url)
+    settings = pipeline_settings(data_dir / "state", broker.bootstrap, postgres_url, log_format="json")
     ports = {name: free_port() for name in STAGE_WORKERS}
     workers = {
         name: WorkerProcess(settings.model_copy(update={"metrics_port": ports[name]}), stage=stage, tiers=tiers,
@@ -425,6 +425,22 @@ def test_generated_bad_inputs_get_clear_errors_and_the_pipeline_keeps_answering(
     undecodable = [k for (k, _), e in zip(messages, bad, strict=True) if e.raw is not None]
     assert all(letters[k].raw_b64 and base64.b64decode(letters[k].raw_b64) == dict(messages)[k]
                for k in undecodable)
+
+
+def test_worker_logs_are_json_lines_that_name_the_request(topology: Topology) -> None:
+    """ECHOLM_LOG_FORMAT=json: every line any worker wrote (through kills and restarts) is one JSON object."""
+    for name, worker in topology.workers.items():
+        for number, line in enumerate(worker.log_path.read_text(errors="replace").splitlines(), start=1):
+            try:
+                document = json.loads(line)
+            except ValueError:
+                pytest.fail(f"worker {name} log line {number} is not JSON: {line[:200]!r}")
+            assert {"ts", "level", "logger", "message"} <= document.keys(), document
+    embed_log = [json.loads(line) for line in topology.workers["embed"].log_path.read_text().splitlines()]
+    rejected = {d["request_id"] for d in embed_log
+                if d["level"] == "WARNING" and d.get("stage") == "embed" and str(d.get("request_id")).startswith("bad-")}
+    # The bad-input test's undecodable payloads (all kinds but huge prompts, which decode) are named.
+    assert len(rejected) >= 30 and not any(key.endswith("huge-prompt") for key in rejected), sorted(rejected)[:5]
 
 
 # ----------------------------------------------------------------------------- metrics
