@@ -344,9 +344,11 @@ class LogStage:
         unique = list({r.request_id: r for r in responses}.values())
         logs = [to_response_log(r) for r in unique]
         candidates = [c for c in (self._candidate(r) for r in unique) if c is not None]
-        await self._with_retry("record responses", self._history.record_responses, logs)
+        # Examples first: a request found in the history then has its example admitted too. Batch jobs
+        # stop their worker once every request is logged; the other order could lose the admission.
         if candidates:
             await self._with_retry("admit examples", self._history.admit_examples, candidates)
+        await self._with_retry("record responses", self._history.record_responses, logs)
         return []
 
     def _candidate(self, response: ResponseRecord) -> ExampleCandidate | None:
