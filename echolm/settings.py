@@ -199,6 +199,7 @@ class Settings(BaseSettings):
     rebalance_timeout_s: float = Field(default=5.0, description="group rebalance timeout (short: fast joins)")
     session_timeout_s: float = Field(default=10.0, description="a silent worker leaves the group after this")
     heartbeat_interval_s: float = Field(default=1.0, description="group heartbeat interval")
+    fetch_max_wait_ms: int = Field(default=100, ge=0, description="longest a worker's fetch waits for data (faust fixes 1500; Tansu answers multi-topic fetches only then)")
     stage_batch_size: int = Field(default=32, ge=1, description="events a stage takes at once")
     stage_batch_window_s: float = Field(default=0.05, gt=0, description="how long a stage waits to fill a batch")
 
