@@ -1,23 +1,32 @@
-"""How retrieved examples are put in front of the small model (the paper's prompt layout).
+"""How retrieved examples are put in front of the small model.
 
-Layout, when there are examples:
+When there are examples, the system message becomes the user's own (or ``DEFAULT_SYSTEM_PROMPT``)
+followed by ``HINT_GUIDANCE``, a fixed text telling the model how to treat hints (judge their
+relevance, quality and helpfulness; ignore unrelated ones; follow good format; use helpful
+information), and the last user turn is rewritten in one of two layouts (``PromptLayout``):
 
-1. the system message: the user's own (or ``DEFAULT_SYSTEM_PROMPT``) followed by ``HINT_GUIDANCE``,
-   a fixed text telling the model how to treat hints (judge their relevance, quality and
-   helpfulness; ignore unrelated ones; follow good format; use helpful information);
-2. the last user turn, rewritten as: the instruction; ``HINTS_HEADER``; each example framed as a
-   *hint*, "a solved similar request"; ``HINTS_REMINDER`` (they guide, not dictate); the instruction
-   again.
+* ``hints-first`` (the default): ``HINTS_HEADER``; each example framed as a *hint*, "a solved similar
+  request"; ``HINTS_REMINDER`` (they guide, not dictate); ``REQUEST_HEADER`` and the instruction,
+  once, last.
+* ``paper``: the paper's order: the instruction; ``HINTS_HEADER``; the hints; ``HINTS_REMINDER``;
+  ``REQUEST_AGAIN`` and the instruction repeated.
 
-Everything that does not depend on the request comes first and is byte-identical across requests,
-so a serving engine's prefix cache reuses it. Examples are hints inside the user's turn and never
-earlier chat turns: as fake turns, the small model copied the foreign answer verbatim (MBPP: 7% pass
-with the same task's solution in another language as a chat turn, 30% framed as a hint).
+Why hints-first is the default: with the paper's order, Qwen2.5-Coder-0.5B stopped reasoning on
+GSM8K and answered with one line copied from a hint ("The answer is 16" for 5 of 5 different
+questions, 11 tokens each), while hints-first kept its step-by-step answers (2 of 5 right, the same
+as without hints) and changed nothing on MBPP (2 of 10 either way, same-task hints). It also shares
+more with other requests: everything up to the first hint is byte-identical across requests, so a
+serving engine's prefix cache reuses it.
+
+Examples are hints inside the user's turn and never earlier chat turns: as fake turns, the small
+model copied the foreign answer verbatim (MBPP: 7% pass with the same task's solution in another
+language as a chat turn, 30% framed as a hint).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from echolm.domain import ChatMessage, RetrievedExample
 
@@ -39,6 +48,10 @@ HINTS_REMINDER = (
 )
 
 REQUEST_AGAIN = "My request again:"
+
+REQUEST_HEADER = "### My request"
+
+PromptLayout = Literal["hints-first", "paper"]
 
 
 def order_examples(examples: Sequence[RetrievedExample]) -> list[RetrievedExample]:
@@ -71,7 +84,11 @@ def select_within_budget(examples: Sequence[RetrievedExample], budget_chars: int
 
 
 def build_messages(
-    messages: Sequence[ChatMessage], examples: Sequence[RetrievedExample], *, budget_chars: int
+    messages: Sequence[ChatMessage],
+    examples: Sequence[RetrievedExample],
+    *,
+    budget_chars: int,
+    layout: PromptLayout = "hints-first",
 ) -> list[ChatMessage]:
     """The request's messages with ``examples`` folded in as hints (see the module docstring).
 
@@ -85,7 +102,10 @@ def build_messages(
 
     instruction = messages[last_user].content.strip()
     hints = "\n\n".join(render_hint(i, example) for i, example in enumerate(chosen, start=1))
-    user_content = f"{instruction}\n\n{HINTS_HEADER}\n\n{hints}\n\n{HINTS_REMINDER}\n\n{REQUEST_AGAIN}\n{instruction}"
+    if layout == "paper":
+        user_content = f"{instruction}\n\n{HINTS_HEADER}\n\n{hints}\n\n{HINTS_REMINDER}\n\n{REQUEST_AGAIN}\n{instruction}"
+    else:
+        user_content = f"{HINTS_HEADER}\n\n{hints}\n\n{HINTS_REMINDER}\n\n{REQUEST_HEADER}\n{instruction}"
 
     rest = list(messages)
     if rest and rest[0].role == "system":

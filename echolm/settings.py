@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from echolm.prompting import PromptLayout
+
 GeneratorBackend = Literal["llamacpp", "openai", "vllm", "echo"]
 
 
@@ -234,6 +236,9 @@ class Settings(BaseSettings):
     temperature: float = Field(default=0.0, ge=0, description="default sampling temperature")
     max_prompt_chars: int = Field(default=32_000, ge=1, description="requests longer than this are refused")
     max_examples_prompt_chars: int = Field(default=6_000, ge=0, description="budget for prepended examples")
+    prompt_layout: PromptLayout = Field(
+        default="hints-first", description="where hints go in the prompt: hints-first (request last) or paper (request, hints, request again)"
+    )
     admission_hook: str | None = Field(
         default=None, description="'module:callable' run before an answer becomes an example (PII scrubbing)"
     )

@@ -276,7 +276,7 @@ class GenerateStage:
             return messages, []
         budget = self._settings.max_examples_prompt_chars
         chosen = select_within_budget([_retrieved(ref, record.request.tenant) for ref in record.examples], budget)
-        prompt = build_messages(messages, chosen, budget_chars=budget)
+        prompt = build_messages(messages, chosen, budget_chars=budget, layout=self._settings.prompt_layout)
         # Provenance lists the examples that made it into the prompt (the budget may drop some).
         chosen_ids = {c.example.id for c in chosen}
         used = [ref for ref in record.examples if ref.id in chosen_ids]

@@ -36,7 +36,7 @@ from echolm.evaluation.report import (
     throughput_at_win_rate,
     tokens_table,
 )
-from echolm.evaluation.workload import Workload, load_workload
+from echolm.evaluation.workload import BUILT_IN_WORKLOADS, Workload, load_workload
 from echolm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _workloads(config: EvalConfig, settings: Settings) -> list[Workload]:
     loaded = []
     for name in config.workloads:
         workload = load_workload(name, settings.model_cache_dir, n_cache=config.n_cache, n_traffic=config.n_traffic,
-                                 seed=config.seed, jsonl=config.jsonl if name not in ("gsm8k", "mbpp") else None)
+                                 seed=config.seed, jsonl=config.jsonl if name not in BUILT_IN_WORKLOADS else None)
         loaded.append(workload.limited(config.limit))
     return loaded
 

@@ -107,7 +107,7 @@ class WorkloadRun:
                                 item.language)
         job = job_for(row_item, arm, examples=examples, table=self.table, models=self.models,
                       max_tokens=self.workload.max_tokens, temperature=self.settings.temperature,
-                      budget_chars=self.settings.max_examples_prompt_chars)
+                      budget_chars=self.settings.max_examples_prompt_chars, layout=self.settings.prompt_layout)
         return job
 
     def cache_jobs(self) -> list[GenerationJob]:

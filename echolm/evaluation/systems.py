@@ -30,7 +30,7 @@ import numpy as np
 from echolm.datasets import TaskItem
 from echolm.domain import ChatMessage, Example, GenerationParams, RetrievedExample
 from echolm.evaluation.generation_cache import GenerationJob
-from echolm.prompting import build_messages
+from echolm.prompting import PromptLayout, build_messages
 
 EVAL_TENANT = "eval"
 DEFAULT_K = 2
@@ -96,7 +96,7 @@ def cache_examples(cache: Sequence[TaskItem], responses: Sequence[str], model: s
 
 
 def arm_messages(item: TaskItem, arm: Arm, examples: Sequence[Example], similarities: np.ndarray | None,
-                 budget_chars: int) -> tuple[ChatMessage, ...]:
+                 budget_chars: int, layout: PromptLayout = "hints-first") -> tuple[ChatMessage, ...]:
     """The messages the pipeline would send for ``item`` on ``arm`` (hints folded in by ``build_messages``)."""
     base = [ChatMessage(role="user", content=item.prompt)]
     if not arm.examples:
@@ -104,7 +104,7 @@ def arm_messages(item: TaskItem, arm: Arm, examples: Sequence[Example], similari
     retrieved = [RetrievedExample(example=examples[i],
                                   similarity=float(similarities[i]) if similarities is not None else 0.0)
                  for i in arm.examples]
-    return tuple(build_messages(base, retrieved, budget_chars=budget_chars))
+    return tuple(build_messages(base, retrieved, budget_chars=budget_chars, layout=layout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +134,11 @@ class ArmFactory:
 
 
 def job_for(item: TaskItem, arm: Arm, *, examples: Sequence[Example], table: SimilarityTable | None,
-            models: dict[str, str], max_tokens: int, temperature: float, budget_chars: int) -> GenerationJob:
+            models: dict[str, str], max_tokens: int, temperature: float, budget_chars: int,
+            layout: PromptLayout = "hints-first") -> GenerationJob:
     """The generation job of ``item`` on ``arm``."""
     sims = table.row(item.id) if (table is not None and arm.examples) else None
-    messages = arm_messages(item, arm, examples, sims, budget_chars)
+    messages = arm_messages(item, arm, examples, sims, budget_chars, layout)
     return GenerationJob(tier=arm.tier, model=models[arm.tier], messages=messages,
                          params=GenerationParams(max_tokens=max_tokens, temperature=temperature))
 

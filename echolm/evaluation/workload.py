@@ -14,6 +14,11 @@ Workloads by data set:
   or translated into another language (the data set ships 17: real near-duplicates). Traffic asks for
   Python only (so unit tests can judge every answer), with a different example test shown than the
   cached Python phrasing, and covers cached tasks and unseen ones alike.
+* **MBPP, camelCase** (``mbpp-camel``): the same split, but the traffic asks for the function under
+  its camelCase name (``similarElements`` for ``similar_elements``), in the shown test and the asserts
+  alike: near-duplicates that differ in content, as when teams with other naming conventions ask for
+  the same thing. A cached answer returned verbatim no longer passes; one used as an example still
+  shows how to solve the task.
 * **JSONL**: any file of ``{"prompt", "reference"}`` lines (optionally ``"answer"``: a number, or
   ``"tests"``: Python asserts, and ``"group"``); groups default to one per line.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +41,13 @@ from echolm.datasets import TaskItem, load_gsm8k, load_mbpp
 # Languages the MBPP cache part draws its non-Python phrasings from (popular ones, with readable code).
 MBPP_CACHE_LANGUAGES = ("javascript", "java", "cpp", "go", "rust", "typescript")
 DEFAULT_ZIPF_S = 1.1
+BUILT_IN_WORKLOADS = ("gsm8k", "mbpp", "mbpp-camel")
 # Appended to every GSM8K question (cache and traffic alike). Without it both models wrote long LaTeX
 # derivations that 200 tokens cut before the answer (3 of the first 4 large-model answers, measured).
 GSM8K_INSTRUCTION = "Solve it step by step, briefly. End with a line of the form: The answer is <number>."
+# At 256 tokens 53% of Qwen2.5-Coder-1.5B's step-by-step answers were cut before their last line
+# (measured on 40 questions); their median length is about 220 tokens.
+GSM8K_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +106,7 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> np.ndarray:
 
 
 def gsm8k_workload(items: Sequence[TaskItem], *, n_cache: int, n_pool: int, n_traffic: int,
-                   zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0, max_tokens: int = 256) -> Workload:
+                   zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0, max_tokens: int = GSM8K_MAX_TOKENS) -> Workload:
     """Cache: ``n_cache`` random questions. Traffic: ``n_traffic`` Zipf draws over ``n_pool`` other questions."""
     rng = random.Random(seed)
     shuffled = [replace(item, prompt=f"{item.prompt}\n{GSM8K_INSTRUCTION}") for item in items]
@@ -123,14 +133,46 @@ def _with_shown_test(item: TaskItem, index: int) -> TaskItem:
     return replace(item, id=f"{item.id}-t{index}", prompt=item.prompt.replace(shown, alternative))
 
 
+_SNAKE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+$")
+
+
+def camel_case(name: str) -> str:
+    """``similar_elements`` -> ``similarElements``; names without an underscore are returned as they are."""
+    if not _SNAKE_NAME.match(name):
+        return name
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _tested_functions(item: TaskItem) -> list[str]:
+    """Top-level functions of the reference solution that the task's asserts call."""
+    defined = re.findall(r"^def\s+(\w+)\s*\(", item.reference, re.MULTILINE)
+    return [name for name in dict.fromkeys(defined) if any(re.search(rf"\b{name}\s*\(", t) for t in item.tests)]
+
+
+def with_camel_case_names(item: TaskItem) -> TaskItem:
+    """The task asking for its tested functions under camelCase names (prompt and asserts rewritten
+    alike); unchanged when no tested function has a snake_case name."""
+    renames = {name: camel_case(name) for name in _tested_functions(item) if camel_case(name) != name}
+    if not renames:
+        return item
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")(?=\s*\()")
+
+    def rename(text: str) -> str:
+        return pattern.sub(lambda m: renames[m.group(1)], text)
+
+    return replace(item, id=f"{item.id}-camel", prompt=rename(item.prompt), tests=tuple(rename(t) for t in item.tests))
+
+
 def mbpp_workload(python: Sequence[TaskItem], translations: Sequence[TaskItem], *, n_cache: int, n_unseen: int,
                   n_traffic: int, python_cache_share: float = 0.5, zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0,
-                  max_tokens: int = 256) -> Workload:
+                  max_tokens: int = 256, camel_case_traffic: bool = False) -> Workload:
     """Cache: ``n_cache`` tasks, each in Python (share ``python_cache_share``) or another language.
 
     Traffic: ``n_traffic`` Zipf draws over the cached tasks plus ``n_unseen`` tasks not in the cache,
     in random popularity order, always asked in Python with the second assert shown (the cached Python
-    phrasing shows the first), so that unit tests judge every answer.
+    phrasing shows the first), so that unit tests judge every answer. ``camel_case_traffic``: traffic
+    asks for camelCase function names (``with_camel_case_names``); the split is the same.
     """
     rng = random.Random(seed)
     tasks = [t for t in python if len(t.tests) >= 2]
@@ -146,14 +188,19 @@ def mbpp_workload(python: Sequence[TaskItem], translations: Sequence[TaskItem], 
     served = tasks[:n_cache + n_unseen]
     rng.shuffle(served)
     variants = {task.group: _with_shown_test(task, 1) for task in served}
+    if camel_case_traffic:
+        variants = {group: with_camel_case_names(task) for group, task in variants.items()}
     traffic = [variants[g] for g in zipf_sample([t.group for t in served], n_traffic, zipf_s, rng)]
+    naming = ", function names asked in camelCase" if camel_case_traffic else ""
     return Workload(
-        name="mbpp", cache=tuple(cache), traffic=tuple(traffic), verifier="python-tests", max_tokens=max_tokens,
+        name="mbpp-camel" if camel_case_traffic else "mbpp", cache=tuple(cache), traffic=tuple(traffic),
+        verifier="python-tests", max_tokens=max_tokens,
         description=(f"MBPP (codex_mbpp asserts + mt_mbpp translations): {n_cache} tasks in the cache part "
                      f"({python_cache_share:.0%} asked in Python, the rest in {', '.join(MBPP_CACHE_LANGUAGES)}); "
-                     f"traffic {n_traffic} Python requests, Zipf(s={zipf_s}) over the {n_cache} cached and "
-                     f"{n_unseen} unseen tasks"),
-        extra={"zipf_s": zipf_s, "unseen": n_unseen, "python_cache_share": python_cache_share},
+                     f"traffic {n_traffic} Python requests{naming}, Zipf(s={zipf_s}) over the {n_cache} cached "
+                     f"and {n_unseen} unseen tasks"),
+        extra={"zipf_s": zipf_s, "unseen": n_unseen, "python_cache_share": python_cache_share,
+               "camel_case_traffic": camel_case_traffic},
     )
 
 
@@ -206,10 +253,10 @@ def load_workload(name: str, cache_dir: Path, *, n_cache: int = 40, n_traffic: i
     if name == "gsm8k":
         return gsm8k_workload(load_gsm8k(cache_dir), n_cache=n_cache, n_pool=n_traffic, n_traffic=n_traffic,
                               seed=seed)
-    if name == "mbpp":
+    if name in ("mbpp", "mbpp-camel"):
         items = load_mbpp(cache_dir, languages=("python", *MBPP_CACHE_LANGUAGES))
         python = [t for t in items if t.language == "python"]
         others = [t for t in items if t.language != "python"]
         return mbpp_workload(python, others, n_cache=n_cache, n_unseen=max(1, n_cache // 2), n_traffic=n_traffic,
-                             seed=seed)
-    raise ValueError(f"unknown workload {name!r}: use gsm8k, mbpp, or pass a JSONL file")
+                             seed=seed, camel_case_traffic=name == "mbpp-camel")
+    raise ValueError(f"unknown workload {name!r}: use gsm8k, mbpp, mbpp-camel, or pass a JSONL file")

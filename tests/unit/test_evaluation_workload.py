@@ -10,11 +10,13 @@ import pytest
 from echolm.datasets import TaskItem
 from echolm.evaluation.workload import (
     GSM8K_INSTRUCTION,
+    camel_case,
     gsm8k_workload,
     jsonl_items,
     jsonl_workload,
     mbpp_workload,
     poisson_arrivals,
+    with_camel_case_names,
     zipf_sample,
     zipf_weights,
 )
@@ -70,6 +72,55 @@ def test_mbpp_traffic_is_python_with_another_shown_test_and_covers_cached_tasks(
     cached_groups = {c.group for c in workload.cache}
     assert any(t.group in cached_groups for t in workload.traffic)
     assert any(t.group not in cached_groups for t in workload.traffic)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("similar_elements", "similarElements"),
+    ("count_Odd_Squares", "countOddSquares"),
+    ("is_prime_2", "isPrime2"),
+    ("cube", "cube"),
+    ("_private", "_private"),
+])
+def test_camel_case(name: str, expected: str) -> None:
+    assert camel_case(name) == expected
+
+
+def test_camel_case_variant_renames_the_tested_function_in_prompt_and_asserts_only() -> None:
+    item = TaskItem(
+        "mbpp-python-1", "mbpp-1",
+        "Write a function.\nYour code should pass this test:\nassert sum_pairs([1, 2]) == 3",
+        "def sum_pairs(xs):\n    return helper_fn(xs)\n\ndef helper_fn(xs):\n    return sum(xs)",
+        None, ("assert sum_pairs([1, 2]) == 3", "assert sum_pairs([]) == 0  # sum_pairs_total stays"), "python")
+
+    variant = with_camel_case_names(item)
+
+    assert variant.id == "mbpp-python-1-camel" and variant.group == item.group
+    assert "assert sumPairs([1, 2]) == 3" in variant.prompt and "sum_pairs(" not in variant.prompt
+    assert variant.tests == ("assert sumPairs([1, 2]) == 3", "assert sumPairs([]) == 0  # sum_pairs_total stays")
+    # The reference, renamed the same way, still passes: the variant asks for the same behaviour.
+    namespace: dict[str, object] = {}
+    exec(item.reference + "\nsumPairs = sum_pairs", namespace)  # noqa: S102 - trusted test data
+    for test in variant.tests:
+        exec(test, namespace)  # noqa: S102
+
+
+def test_camel_case_variant_leaves_tasks_without_snake_case_names_alone() -> None:
+    item = TaskItem("p", "g", "assert cube(2) == 8", "def cube(x):\n    return x ** 3", None, ("assert cube(2) == 8",),
+                    "python")
+    assert with_camel_case_names(item) is item
+
+
+def test_mbpp_camel_traffic_has_the_same_split_with_renamed_functions() -> None:
+    python, others = _mbpp(30)
+    python = [TaskItem(t.id, t.group, t.prompt.replace(f"f{i}(", f"fn_{i}("), f"def fn_{i}(x):\n    return x", None,
+                       tuple(x.replace(f"f{i}(", f"fn_{i}(") for x in t.tests), "python")
+              for i, t in enumerate(python)]
+    plain = mbpp_workload(python, others, n_cache=20, n_unseen=10, n_traffic=60, seed=0)
+    camel = mbpp_workload(python, others, n_cache=20, n_unseen=10, n_traffic=60, seed=0, camel_case_traffic=True)
+
+    assert camel.name == "mbpp-camel" and camel.cache == plain.cache
+    assert [t.group for t in camel.traffic] == [t.group for t in plain.traffic]
+    assert all(t.id.endswith("-camel") and "fn_" not in t.prompt and "fn" in t.prompt for t in camel.traffic)
 
 
 def test_limited_truncates_cache_and_traffic() -> None:

@@ -13,6 +13,8 @@ from echolm.prompting import (
     HINT_GUIDANCE,
     HINTS_HEADER,
     HINTS_REMINDER,
+    REQUEST_AGAIN,
+    REQUEST_HEADER,
     build_messages,
     render_hint,
     select_within_budget,
@@ -44,9 +46,33 @@ def test_without_examples_the_messages_are_returned_unchanged() -> None:
     assert build_messages(messages, [], budget_chars=BIG_BUDGET) == messages
 
 
-def test_layout_follows_the_paper_order() -> None:
+def test_default_layout_puts_the_hints_first_and_the_request_once_at_the_end() -> None:
     instruction = "Write a Python function that reverses a list."
     out = build_messages(_request(instruction), [_example(1, 0.9)], budget_chars=BIG_BUDGET)
+
+    assert [m.role for m in out] == ["system", "user"]
+    assert out[0].content == f"{DEFAULT_SYSTEM_PROMPT}\n\n{HINT_GUIDANCE}"
+    user = out[1].content
+    assert user.startswith(HINTS_HEADER)
+    positions = [user.index("a solved similar request"), user.index("answer number 1"), user.index(HINTS_REMINDER),
+                 user.index(REQUEST_HEADER)]
+    assert positions == sorted(positions)
+    assert user.endswith(f"{REQUEST_HEADER}\n{instruction}") and user.count(instruction) == 1
+    assert REQUEST_AGAIN not in user
+
+
+def test_hints_first_layout_shares_everything_before_the_hints_across_requests() -> None:
+    first = build_messages(_request("Sort a list."), [_example(1, 0.9)], budget_chars=BIG_BUDGET)
+    second = build_messages(_request("Compute a factorial."), [_example(7, 0.5)], budget_chars=BIG_BUDGET)
+
+    assert first[0] == second[0]
+    shared = first[1].content.index("### Hint 1")
+    assert first[1].content[:shared] == second[1].content[:shared]
+
+
+def test_paper_layout_follows_the_paper_order() -> None:
+    instruction = "Write a Python function that reverses a list."
+    out = build_messages(_request(instruction), [_example(1, 0.9)], budget_chars=BIG_BUDGET, layout="paper")
 
     assert [m.role for m in out] == ["system", "user"]
     assert out[0].content == f"{DEFAULT_SYSTEM_PROMPT}\n\n{HINT_GUIDANCE}"
