@@ -64,9 +64,89 @@ class RetrievedExample:
 
 
 @dataclass(frozen=True, slots=True)
+class ExampleFeatures:
+    """What the router knows about a request's selected examples. Values are already in [0, 1] or [-1, 1]."""
+
+    count: int = 0
+    max_similarity: float = 0.0
+    mean_similarity: float = 0.0
+    mean_helpfulness: float = 0.0
+    mean_source_quality: float = 0.0
+
+    @classmethod
+    def from_retrieved(cls, examples: Sequence[RetrievedExample]) -> ExampleFeatures:
+        """Summarise selected examples. A missing helpfulness falls back to the similarity (the proxy's
+        cold start); a missing quality counts as a neutral 0.5."""
+        if not examples:
+            return cls()
+        sims = [e.similarity for e in examples]
+        helpful = [e.helpfulness if e.helpfulness is not None else e.similarity for e in examples]
+        quality = [e.example.quality if e.example.quality is not None else 0.5 for e in examples]
+        return cls(
+            count=len(examples),
+            max_similarity=max(sims),
+            mean_similarity=sum(sims) / len(sims),
+            mean_helpfulness=sum(helpful) / len(helpful),
+            mean_source_quality=sum(quality) / len(quality),
+        )
+
+
+ROUTE_CONTEXT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedExample:
+    """One selected example as the router saw it."""
+
+    id: int
+    similarity: float
+    helpfulness: float | None = None
+    quality: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteContext:
+    """What a router saw and computed when it chose a tier. It travels with the request
+    (``RouteInfo.context``) and is stored with the answer (``responses.route_context``), so that
+    training and calibration read the decision's own inputs instead of rebuilding them later.
+
+    ``policy``: the routing policy that decided ("bandit", "bandit-cold-start", "similarity", ...);
+    ``policy_version``: the stored router state's version (None when no learned state decided);
+    ``utilities`` mu_i, ``scores`` S_i and ``costs`` C_i per tier; ``loads``: every tier's load as the
+    router read it, ``load`` the value L of ``load_tier`` compared with ``load_threshold``, ``bias`` the
+    resulting ``lambda0 * tanh(gamma * max(0, L - threshold))``; ``explore``: an epsilon-greedy draw, not
+    the scores, chose ``tier``; ``prompt_chars`` / ``example_chars``: the sizes the costs were computed
+    for; ``features``: exactly what the utility model was given about the examples. The request
+    embedding is not kept: it is the embedding of the logged prompt text (deterministic per embedder).
+    ``version`` changes when the meaning of a field does; readers ignore versions they do not know.
+    """
+
+    policy: str
+    tier: str
+    version: int = ROUTE_CONTEXT_VERSION
+    policy_version: int | None = None
+    explore: bool = False
+    utilities: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)
+    loads: dict[str, float] = field(default_factory=dict)
+    load_tier: str | None = None
+    load: float | None = None
+    load_threshold: float | None = None
+    bias: float = 0.0
+    compare_with: str | None = None
+    prompt_chars: int = 0
+    example_chars: int = 0
+    examples: tuple[RoutedExample, ...] = ()
+    features: ExampleFeatures = ExampleFeatures()
+
+
+@dataclass(frozen=True, slots=True)
 class RouteDecision:
     """``compare_with``: a second tier to also answer the request, for a pairwise comparison
-    (selective feedback); its answer goes to the judge, never to the requester."""
+    (selective feedback); its answer goes to the judge, never to the requester. ``context``: what the
+    router saw and computed (learned routers give it; for the others the route stage fills in what
+    every router sees)."""
 
     tier: str
     score: float
@@ -74,6 +154,7 @@ class RouteDecision:
     use_examples: bool
     scores: dict[str, float] = field(default_factory=dict)
     compare_with: str | None = None
+    context: RouteContext | None = None
 
 
 class ErrorCode(str, enum.Enum):

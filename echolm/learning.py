@@ -9,16 +9,19 @@ quality in [0, 1] (``history.feedback_store.outcomes_from_feedback``).
   threshold t a request keeps its examples (and is offloaded) if one scores >= t, otherwise it goes to
   the reference tier (quality: that tier's mean observed quality, 0.5 = parity if unknown); the
   threshold with the highest offload share at the best quality (within ``tolerance``) wins.
-* ``fit_router``: the bandit's utility model on (context, tier, reward) triples. The context is rebuilt
-  as the router saw it: the request's embedding, and its stage-2 examples (those logged with the answer,
-  or, for an answer served without examples, the examples that existed before the request, found again
-  and passed through the current stage-2 selector). Rewards use ``policy.bandit.reward`` with the
-  per-request relative cost from token costs measured on the history (``routing.costs``).
+* ``fit_router``: the bandit's utility model on (context, tier, reward) triples. The context is the
+  request's embedding (of its logged prompt text) and the features of its stage-2 examples as the router
+  saw them: read from the route context logged with the answer (``responses.route_context``, see
+  ``RoutingInputs``) when there is one, else rebuilt (rows logged before it was stored): the examples
+  logged with the answer, or, for an answer served without examples, the examples that existed before
+  the request, found again and passed through the current stage-2 selector. Rewards use
+  ``policy.bandit.reward`` with the per-request relative cost from token costs measured on the history
+  (``routing.costs``), for the prompt and example sizes the router costed.
 * ``calibrate_router``: replays logged requests through the trained router at the load each one met
-  (rebuilt from the history: the load tier's requests in generation at its routing time, over the
-  tier's capacity) for a grid of load thresholds, and picks the threshold meeting a target offload
-  share or win rate (negative thresholds make the cost bias permanent: the knob then also works on
-  an idle system).
+  (the logged load when there is one; else rebuilt from the history: the load tier's requests in
+  generation at its routing time, over the tier's capacity) for a grid of load thresholds, and picks the
+  threshold meeting a target offload share or win rate (negative thresholds make the cost bias
+  permanent: the knob then also works on an idle system).
 """
 
 from __future__ import annotations
@@ -194,7 +197,7 @@ async def load_selector(models: ModelStore, settings: Settings) -> ExampleSelect
 async def routing_examples(store: FeedbackStore, selector: ExampleSelector, examples: ExampleHistory,
                            requests: Sequence[LoggedRequest], vectors: np.ndarray,
                            settings: Settings) -> list[list[RetrievedExample]]:
-    """Per request, the stage-2 examples the router saw (module docstring)."""
+    """Per request, the stage-2 examples the router is taken to have seen, rebuilt (module docstring)."""
     out = []
     for request, vector in zip(requests, vectors, strict=True):
         logged = examples.logged(request)
@@ -202,6 +205,52 @@ async def routing_examples(store: FeedbackStore, selector: ExampleSelector, exam
         example_vecs = {e.example.id: examples.by_id[e.example.id].embedding for e in candidates}
         out.append(selector.select(vector, candidates, example_vecs))
     return out
+
+
+@dataclass(frozen=True)
+class RoutingInputs:
+    """What a request's route decision was computed from, besides its embedding: the example features,
+    the prompt and example sizes its costs were computed for, and (logged contexts only) the load ``L``."""
+
+    features: ExampleFeatures
+    prompt_chars: int
+    example_chars: int
+    load: float | None = None
+    logged: bool = False
+
+    @classmethod
+    def from_logged(cls, request: LoggedRequest, load_tier: str) -> RoutingInputs | None:
+        """From the route context logged with the answer; None if there is none (older rows)."""
+        context = request.route_context
+        if context is None:
+            return None
+        load = context.load if context.load is not None else context.loads.get(load_tier)
+        return cls(context.features, context.prompt_chars, context.example_chars, load, logged=True)
+
+    @classmethod
+    def rebuilt(cls, request: LoggedRequest, examples: Sequence[RetrievedExample]) -> RoutingInputs:
+        return cls(ExampleFeatures.from_retrieved(examples), len(request.prompt_text),
+                   sum(hint_chars(e) for e in examples))
+
+
+async def routing_inputs(store: FeedbackStore, models: ModelStore, settings: Settings,
+                         requests: Sequence[LoggedRequest], vectors: np.ndarray,
+                         example_history: ExampleHistory | None = None) -> list[RoutingInputs]:
+    """Per request, its logged route context when there is one; the others' are rebuilt
+    (``routing_examples``), which loads the example history (``example_history``: a kept one,
+    refreshed here) and the stored selector only when some request needs it."""
+    load_tier = settings.bandit.load_tier or settings.largest_tier.name
+    found = [RoutingInputs.from_logged(r, load_tier) for r in requests]
+    missing = [i for i, inputs in enumerate(found) if inputs is None]
+    if missing:
+        history = example_history if example_history is not None else ExampleHistory()
+        await history.refresh(store)
+        selector = await load_selector(models, settings)
+        rebuilt = await routing_examples(store, selector, history, [requests[i] for i in missing], vectors[missing],
+                                         settings)
+        for i, examples in zip(missing, rebuilt, strict=True):
+            found[i] = RoutingInputs.rebuilt(requests[i], examples)
+    return [inputs for inputs in found if inputs is not None]
 
 
 # ----------------------------------------------------------------------------------------- costs
@@ -230,9 +279,8 @@ async def measure_costs(store: FeedbackStore, settings: Settings, *, per_tier: i
     return MeasuredCosts(rates, max(1, completion), chars or DEFAULT_CHARS_PER_TOKEN)
 
 
-def relative_costs(state: RouterState, settings: Settings, request: LoggedRequest,
-                   examples: Sequence[RetrievedExample]) -> dict[str, float]:
-    prompt_tokens = request_prompt_tokens(len(request.prompt_text), sum(hint_chars(e) for e in examples),
+def relative_costs(state: RouterState, settings: Settings, inputs: RoutingInputs) -> dict[str, float]:
+    prompt_tokens = request_prompt_tokens(inputs.prompt_chars, inputs.example_chars,
                                           {t.name: t.use_examples for t in settings.tiers}, state.chars_per_token)
     return state.costs.relative_costs(prompt_tokens, state.completion_tokens)
 
@@ -334,38 +382,34 @@ class RouterTrainingSet:
     rewards: list[float]
     qualities: list[float]
     request_ids: list[str]
+    logged_contexts: int = 0  # requests whose context was read from the log (the others were rebuilt)
 
 
 async def router_training_set(store: FeedbackStore, models: ModelStore, embedder: Embedder, settings: Settings,
                               state: RouterState, data: TrainingData, weights: RewardWeights = RewardWeights(),
                               example_history: ExampleHistory | None = None) -> RouterTrainingSet:
-    """(context, tier, reward) triples of every labelled answer on a configured tier. ``example_history``:
-    a kept ``ExampleHistory`` (refreshed here), else every example is loaded."""
+    """(context, tier, reward) triples of every labelled answer on a configured tier; contexts as logged,
+    else rebuilt (``routing_inputs``). ``example_history``: a kept ``ExampleHistory`` for rebuilding."""
     tiers = {t.name for t in settings.tiers}
     outcomes = [o for o in data.outcomes if o.tier in tiers]
     ids = sorted({o.request_id for o in outcomes})
     requests = [data.requests[i] for i in ids]
     vectors = await embed_texts(embedder, [r.prompt_text for r in requests])
-    if example_history is None:
-        example_history = ExampleHistory()
-    await example_history.refresh(store)
-    selector = await load_selector(models, settings)
-    examples = await routing_examples(store, selector, example_history, requests, vectors, settings)
+    inputs = await routing_inputs(store, models, settings, requests, vectors, example_history)
     best = data.best_quality()
     contexts, out_tiers, rewards, qualities, out_ids = [], [], [], [], []
     index = {request_id: i for i, request_id in enumerate(ids)}
     for o in outcomes:
         i = index[o.request_id]
-        features = ExampleFeatures.from_retrieved(examples[i])
-        costs = relative_costs(state, settings, requests[i], examples[i])
+        costs = relative_costs(state, settings, inputs[i])
         top = max(costs.values())
-        contexts.append(context_vector(vectors[i], features, state.embedding_dim))
+        contexts.append(context_vector(vectors[i], inputs[i].features, state.embedding_dim))
         out_tiers.append(o.tier)
         rewards.append(reward(o.quality, costs[o.tier] / top, best[o.request_id], weights))
         qualities.append(o.quality)
         out_ids.append(o.request_id)
     matrix = np.stack(contexts) if contexts else np.zeros((0, state.embedding_dim + 5), np.float32)
-    return RouterTrainingSet(matrix, out_tiers, rewards, qualities, out_ids)
+    return RouterTrainingSet(matrix, out_tiers, rewards, qualities, out_ids, sum(i.logged for i in inputs))
 
 
 @dataclass
@@ -377,10 +421,11 @@ class RouterFit:
     mean_reward: dict[str, float]
     preferred: dict[str, float]
     rates: dict[str, dict[str, float]]
+    logged_contexts: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {"stored_version": self.version, "samples": self.samples, "requests": self.requests,
-                "loss": self.loss, "mean_reward_by_tier": self.mean_reward,
+                "logged_contexts": self.logged_contexts, "loss": self.loss, "mean_reward_by_tier": self.mean_reward,
                 "share_preferred_by_tier": self.preferred, "token_rates": self.rates}
 
 
@@ -410,7 +455,8 @@ async def fit_router(store: FeedbackStore, models: ModelStore, embedder: Embedde
     top = np.argmax(utilities, axis=1)
     preferred = {t: round(float(np.mean(top == i)), 4) for i, t in enumerate(state.bandit.model.tiers)}
     result = RouterFit(None, len(training.tiers), len(unique_contexts), round(float(loss), 6),
-                       {t: round(float(np.mean(v)), 4) for t, v in sorted(by_tier.items())}, preferred, rates)
+                       {t: round(float(np.mean(v)), 4) for t, v in sorted(by_tier.items())}, preferred, rates,
+                       training.logged_contexts)
     if save:
         result.version = await models.save(ROUTER_MODEL, state.to_dict(), result.summary())
     return result
@@ -499,6 +545,7 @@ class Calibration:
     requests: int
     mean_load: float
     version: int | None = None
+    logged_contexts: int = 0  # requests replayed from their logged context and load (the others rebuilt)
 
 
 def simulate(policy: BanditRouter, contexts: np.ndarray, loads: Sequence[float], costs: Sequence[Mapping[str, float]],
@@ -542,15 +589,12 @@ async def calibrate_router(store: FeedbackStore, models: ModelStore, embedder: E
         raise LookupError("no logged requests to calibrate on")
     load_tier = settings.bandit.load_tier or settings.largest_tier.name
     reference_tier = settings.learning.reference_tier or settings.largest_tier.name
-    loads = historical_loads(requests, load_tier, float(settings.tier(load_tier).concurrency))
     vectors = await embed_texts(embedder, [r.prompt_text for r in requests])
-    selector = await load_selector(models, settings)
-    history = ExampleHistory()
-    await history.refresh(store)
-    examples = await routing_examples(store, selector, history, requests, vectors, settings)
-    contexts = np.stack([context_vector(v, ExampleFeatures.from_retrieved(e), state.embedding_dim)
-                         for v, e in zip(vectors, examples, strict=True)])
-    costs = [relative_costs(state, settings, r, e) for r, e in zip(requests, examples, strict=True)]
+    inputs = await routing_inputs(store, models, settings, requests, vectors)
+    rebuilt_loads = historical_loads(requests, load_tier, float(settings.tier(load_tier).concurrency))
+    loads = [i.load if i.load is not None else rebuilt for i, rebuilt in zip(inputs, rebuilt_loads, strict=True)]
+    contexts = np.stack([context_vector(v, i.features, state.embedding_dim) for v, i in zip(vectors, inputs, strict=True)])
+    costs = [relative_costs(state, settings, i) for i in inputs]
     data = await load_training_data(store)
     quality = {(o.request_id, o.tier): o.quality for o in data.outcomes}
     ids = [r.request_id for r in requests]
@@ -564,7 +608,8 @@ async def calibrate_router(store: FeedbackStore, models: ModelStore, embedder: E
         rate, judged = win_rate_of(decisions, ids, quality, reference_tier)
         points.append(CalibrationPoint(float(threshold), offload, rate, judged))
     chosen, reached = _choose(points, target_offload, target_win_rate)
-    result = Calibration(chosen, reached, points, len(requests), float(np.mean(loads)) if loads else 0.0)
+    result = Calibration(chosen, reached, points, len(requests), float(np.mean(loads)) if loads else 0.0,
+                         logged_contexts=sum(i.logged for i in inputs))
     if save:
         state.load_threshold = chosen.threshold
         metrics = {**stored.metrics, "calibrated": {"threshold": chosen.threshold, "offload": chosen.offload,

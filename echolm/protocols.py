@@ -13,7 +13,15 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from echolm.domain import ChatMessage, Example, GenerationParams, GenerationResult, RetrievedExample, RouteDecision
+from echolm.domain import (
+    ChatMessage,
+    Example,
+    GenerationParams,
+    GenerationResult,
+    RetrievedExample,
+    RouteContext,
+    RouteDecision,
+)
 
 
 @runtime_checkable
@@ -121,6 +129,7 @@ class ResponseLog:
     error_message: str | None
     submitted_at: datetime
     finished_at: datetime
+    route_context: RouteContext | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from echolm.domain import Example, RouteDecision
 from echolm.protocols import CacheEvent, ExampleCandidate, ResponseLog, RoutingContext
+from echolm.routing.route_context import route_context_from_json, route_context_to_json
 
 EXAMPLE_STATUSES = ("active", "superseded", "evicted")
 
@@ -184,6 +185,7 @@ def _as_stored(record: ResponseLog) -> ResponseLog:
         route_score=None if record.route_score is None else float(record.route_score),
         timings={str(k): float(v) for k, v in record.timings.items()},
         submitted_at=_utc(record.submitted_at), finished_at=_utc(record.finished_at),
+        route_context=route_context_from_json(route_context_to_json(record.route_context)),
     )
 
 

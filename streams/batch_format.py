@@ -131,7 +131,8 @@ def response_output(response: ResponseRecord) -> dict[str, Any]:
         "echolm": {
             "tier": response.tier,
             "examples": [{"id": e.id, "similarity": round(e.similarity, 4)} for e in response.examples],
-            "route": response.route.model_dump() if response.route else None,
+            # The router's full context (mu_i, S_i, loads, ...) goes to the history, not into every output line.
+            "route": response.route.model_dump(exclude={"context"}) if response.route else None,
             "timings": {k: round(v, 4) for k, v in response.timings.items()},
             "latency_s": round(response.finished_at - response.submitted_at, 4),
         },

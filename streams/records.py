@@ -3,6 +3,11 @@
 A request travels as one ``InFlightRequest`` that each stage enriches (embedding, examples, route),
 so any stage can run in its own process. Every request ends as exactly one ``ResponseRecord`` on
 the responses topic: an answer or an explicit error.
+
+Compatibility: fields added to a version are optional, so records written before them still decode
+(``ExampleRef.quality``, ``RouteInfo.context``), and readers ignore fields they do not know, so older
+workers read newer records. A nested part with its own meaning carries its own version
+(``RouteInfo.context.version``, see ``echolm.domain.RouteContext``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from echolm.domain import ChatMessage, ErrorCode, GenerationParams
+from echolm.domain import ChatMessage, ErrorCode, GenerationParams, RouteContext
 
 SCHEMA_VERSION = 1
 
@@ -75,14 +80,19 @@ class ExampleRef(BaseModel):
     response: str
     model: str
     helpfulness: float | None = None
+    quality: float | None = None
 
 
 class RouteInfo(BaseModel):
+    """The route decision; ``context``: what the router saw and computed (None in records written before
+    it was logged)."""
+
     tier: str
     score: float
     reason: str
     use_examples: bool
     scores: dict[str, float] = Field(default_factory=dict)
+    context: RouteContext | None = None
 
 
 class InFlightRequest(BaseModel):

@@ -40,6 +40,7 @@ from echolm.protocols import (
 )
 from echolm.retrieval.example_cache import ExampleCache
 from echolm.routing.comparison import comparison_request_id
+from echolm.routing.route_context import describe_route
 from echolm.selection import StageTwo
 from echolm.settings import Settings, TierSettings
 from streams.records import (
@@ -193,12 +194,12 @@ class RetrieveStage:
 def _example_ref(hit: RetrievedExample) -> ExampleRef:
     e = hit.example
     return ExampleRef(id=e.id, similarity=hit.similarity, prompt=e.prompt, response=e.response,
-                      model=e.model, helpfulness=hit.helpfulness)
+                      model=e.model, helpfulness=hit.helpfulness, quality=e.quality)
 
 
 def _retrieved(ref: ExampleRef, tenant: str) -> RetrievedExample:
     example = Example(id=ref.id, tenant=tenant, prompt=ref.prompt, response=ref.response,
-                      model=ref.model, tier="")
+                      model=ref.model, tier="", quality=ref.quality)
     return RetrievedExample(example=example, similarity=ref.similarity, helpfulness=ref.helpfulness)
 
 
@@ -228,7 +229,8 @@ class RouteStage:
             )
             decision = self._router.route(context)
             route = RouteInfo(tier=decision.tier, score=decision.score, reason=decision.reason,
-                              use_examples=decision.use_examples, scores=decision.scores)
+                              use_examples=decision.use_examples, scores=decision.scores,
+                              context=describe_route(context, decision, self._settings.router_policy))
             updated = record.model_copy(update={
                 "route": route, "timings": {**record.timings, self.name: time.perf_counter() - started}})
             out.append(Outgoing(self._settings.topics.generate(decision.tier), request.request_id,
@@ -246,7 +248,8 @@ class RouteStage:
         request = record.request.model_copy(update={"request_id": comparison_id, "custom_id": None})
         route = RouteInfo(tier=tier_name, score=record.route.scores.get(tier_name, 0.0),
                           reason=f"selective feedback: compared with {record.route.tier}",
-                          use_examples=tier.use_examples and bool(record.examples), scores=record.route.scores)
+                          use_examples=tier.use_examples and bool(record.examples), scores=record.route.scores,
+                          context=record.route.context)  # the decision's context: the twin's outcome trains on it
         twin = record.model_copy(update={"request": request, "route": route})
         return [Outgoing(self._settings.topics.generate(tier_name), comparison_id, twin.model_dump_json().encode())]
 
@@ -388,6 +391,7 @@ def to_response_log(response: ResponseRecord) -> ResponseLog:
         example_similarities=[e.similarity for e in response.examples],
         route_reason=response.route.reason if response.route else None,
         route_score=response.route.score if response.route else None,
+        route_context=response.route.context if response.route else None,
         timings=response.timings, prompt_tokens=response.prompt_tokens,
         completion_tokens=response.completion_tokens,
         error_code=response.error.code.value if response.error else None,

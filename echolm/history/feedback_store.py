@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 from sqlalchemy import or_, select
 
+from echolm.domain import RouteContext
 from echolm.history.store import SqlHistoryStore
 from echolm.history.tables import ExampleRow, FeedbackRow, ResponseRow, utc_now
+from echolm.routing.route_context import route_context_from_json
 
 _IN_CHUNK = 500
 
@@ -91,6 +93,7 @@ class LoggedRequest:
     submitted_at: datetime
     finished_at: datetime
     response: str | None = None
+    route_context: RouteContext | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,14 +168,14 @@ def _logged_from_row(row: Any) -> LoggedRequest:
         example_similarities=tuple(float(s) for s in row.example_similarities),
         timings=dict(row.timings), prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
         route_reason=row.route_reason, submitted_at=row.submitted_at, finished_at=row.finished_at,
-        response=row.response,
+        response=row.response, route_context=route_context_from_json(row.route_context),
     )
 
 
 _LOGGED_COLUMNS = (ResponseRow.request_id, ResponseRow.tenant, ResponseRow.prompt_text, ResponseRow.tier,
                    ResponseRow.example_ids, ResponseRow.example_similarities, ResponseRow.timings,
                    ResponseRow.prompt_tokens, ResponseRow.completion_tokens, ResponseRow.route_reason,
-                   ResponseRow.submitted_at, ResponseRow.finished_at, ResponseRow.response)
+                   ResponseRow.submitted_at, ResponseRow.finished_at, ResponseRow.response, ResponseRow.route_context)
 
 
 class FeedbackStore:

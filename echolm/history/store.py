@@ -27,6 +27,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from echolm.domain import ChatMessage, Example
 from echolm.history.tables import EXAMPLE_STATUSES, CacheEventRow, ExampleRow, ResponseRow, utc_now
 from echolm.protocols import CacheEvent, ExampleCandidate, ResponseLog
+from echolm.routing.route_context import route_context_from_json, route_context_to_json
 
 # Transaction-scoped PostgreSQL advisory lock keys (arbitrary constants, unique to EchoLM).
 CACHE_EVENTS_LOCK_KEY = 0x6563686F01  # serialises cache event appends: seq order = commit order
@@ -188,6 +189,7 @@ def _response_values(record: ResponseLog, logged_at: datetime) -> dict[str, Any]
         "submitted_at": record.submitted_at,
         "finished_at": record.finished_at,
         "logged_at": logged_at,
+        "route_context": route_context_to_json(record.route_context),
     }
 
 
@@ -200,6 +202,7 @@ def _response_from_row(row: Row[Any]) -> ResponseLog:
         route_reason=row.route_reason, route_score=row.route_score, timings=dict(row.timings),
         prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens, error_code=row.error_code,
         error_message=row.error_message, submitted_at=row.submitted_at, finished_at=row.finished_at,
+        route_context=route_context_from_json(row.route_context),
     )
 
 

@@ -111,6 +111,9 @@ class ResponseRow(Base):
     submitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
     logged_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    # What the router saw and computed (``domain.RouteContext`` as JSON, migration 0004); NULL in rows
+    # logged before, which the learners then rebuild.
+    route_context: Mapped[dict[str, Any] | None] = mapped_column(PortableJSON)
 
 
 class ExampleRow(Base):

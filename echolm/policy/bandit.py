@@ -27,39 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from echolm.domain import RetrievedExample
+from echolm.domain import ExampleFeatures  # re-exported: defined with the other domain values
 from echolm.policy.load_bias import biased_scores, load_bias, softmax
 
 CONTEXT_FEATURES = ("count", "max_similarity", "mean_similarity", "mean_helpfulness", "mean_source_quality")
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ExampleFeatures:
-    """What the router knows about a request's selected examples. Values are already in [0, 1] or [-1, 1]."""
-
-    count: int = 0
-    max_similarity: float = 0.0
-    mean_similarity: float = 0.0
-    mean_helpfulness: float = 0.0
-    mean_source_quality: float = 0.0
-
-    @classmethod
-    def from_retrieved(cls, examples: Sequence[RetrievedExample]) -> ExampleFeatures:
-        """Summarise selected examples. A missing helpfulness falls back to the similarity (the proxy's
-        cold start); a missing quality counts as a neutral 0.5."""
-        if not examples:
-            return cls()
-        sims = [e.similarity for e in examples]
-        helpful = [e.helpfulness if e.helpfulness is not None else e.similarity for e in examples]
-        quality = [e.example.quality if e.example.quality is not None else 0.5 for e in examples]
-        return cls(
-            count=len(examples),
-            max_similarity=max(sims),
-            mean_similarity=sum(sims) / len(sims),
-            mean_helpfulness=sum(helpful) / len(helpful),
-            mean_source_quality=sum(quality) / len(quality),
-        )
 
 
 def context_vector(

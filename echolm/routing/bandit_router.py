@@ -14,6 +14,11 @@ Per request:
   uniform: the decision names a second tier (``compare_with``) at most for ``bandit.compare_rate`` of
   requests and never under load, and the route stage sends the request there too.
 
+Each decision carries its ``RouteContext`` (``domain``): mu_i, S_i, C_i, the loads read and L, the
+bias, whether it explored, the example features and the stored state's version. The route stage puts
+it on the record, the log stage stores it with the answer, and ``echolm router fit`` / ``calibrate``
+train on it instead of rebuilding the context (``learning``).
+
 Until a trained state exists (``echolm router fit``) the similarity rule routes (cold start). The
 state (``RouterState``: the bandit, the cost model, the calibrated threshold) is JSON in the model
 store; route workers poll it (``learning.model_poll_interval_s``) and re-measure costs from the
@@ -26,17 +31,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from echolm.domain import RouteDecision
+from echolm.domain import RouteContext, RouteDecision
 from echolm.judging.pairwise import should_sample
 from echolm.policy.bandit import BanditConfig, BanditRouter, ExampleFeatures, TierUtilityModel, context_vector
 from echolm.policy.load_bias import TokenCostModel
 from echolm.protocols import RoutingContext
 from echolm.routing.costs import DEFAULT_CHARS_PER_TOKEN, cost_model_from_rates, fit_token_rates, request_prompt_tokens
+from echolm.routing.route_context import describe_route, routed_examples
 from echolm.routing.similarity import SimilarityRouter
 from echolm.selection import hint_chars
 from echolm.settings import Settings
@@ -118,6 +124,7 @@ class LoadAwareBanditRouter:
             raise ValueError(f"bandit.load_tier names an unknown tier {self._load_tier!r}")
         self.state: RouterState | None = None
         self.policy: BanditRouter | None = None
+        self.policy_version: int | None = None
         if state is not None:
             self.apply_state(state)
 
@@ -125,30 +132,34 @@ class LoadAwareBanditRouter:
     def trained(self) -> bool:
         return self.policy is not None
 
-    def apply_state(self, state: RouterState) -> None:
-        """Use ``state`` from now on, with the knobs of the current settings (tiers must match)."""
+    def apply_state(self, state: RouterState, version: int | None = None) -> None:
+        """Use ``state`` (stored as ``version``) from now on, with the knobs of the current settings
+        (tiers must match)."""
         tiers = tuple(self._tiers)
         if tuple(state.bandit.model.tiers) != tiers:
             raise ValueError(f"router state is for tiers {state.bandit.model.tiers}, configured {tiers}: "
                              "run `echolm router fit` again")
         policy = BanditRouter(bandit_config(self._settings, state.load_threshold), state.bandit.model)
         policy.beta = {t: list(ab) for t, ab in state.bandit.beta.items()}
-        self.state, self.policy = state, policy
+        self.state, self.policy, self.policy_version = state, policy, version
 
     def loads(self) -> dict[str, float]:
         return dict(self._loads())
 
     def route(self, context: RoutingContext) -> RouteDecision:
-        state, policy = self.state, self.policy
+        state, policy, version = self.state, self.policy, self.policy_version
+        loads = dict(context.load or self.loads())
         if state is None or policy is None:
             decision = self._fallback.route(context)
-            return RouteDecision(decision.tier, decision.score, f"bandit cold start, {decision.reason}",
+            cold = RouteDecision(decision.tier, decision.score, f"bandit cold start, {decision.reason}",
                                  decision.use_examples, decision.scores)
+            return replace(cold, context=describe_route(replace(context, load=loads), cold, "bandit-cold-start"))
         features = ExampleFeatures.from_retrieved(context.examples)
         x = context_vector(context.embedding if context.embedding is not None and
                            len(context.embedding) == state.embedding_dim else None, features, state.embedding_dim)
-        load = (context.load or self.loads()).get(self._load_tier, 0.0)
-        costs = self.costs_for(context)
+        load = loads.get(self._load_tier, 0.0)
+        example_chars = sum(hint_chars(e) for e in context.examples)
+        costs = self._costs(context.prompt_chars, example_chars)
         choice = policy.choose(x, load, self._rng, costs)
         tier = self._tiers[choice.tier]
         compare_with = choice.compare_with if (
@@ -158,18 +169,32 @@ class LoadAwareBanditRouter:
         why = "explore" if choice.explore else ("nearly uniform, compare with " + compare_with if compare_with
                                                  else policy.config.policy)
         reason = f"bandit: {choice.tier} ({why}; {described}; load {load:.2f}, bias {choice.bias:.2f})"
+        logged = RouteContext(
+            policy="bandit", tier=choice.tier, policy_version=version, explore=bool(choice.explore),
+            utilities=_floats(choice.utilities), scores=_floats(choice.scores), costs=_floats(costs),
+            loads=_floats(loads), load_tier=self._load_tier, load=float(load),
+            load_threshold=float(policy.config.load_threshold), bias=float(choice.bias),
+            compare_with=compare_with, prompt_chars=context.prompt_chars, example_chars=example_chars,
+            examples=routed_examples(context.examples), features=features)
         return RouteDecision(tier=choice.tier, score=choice.scores[choice.tier], reason=reason,
                              use_examples=tier.use_examples and bool(context.examples), scores=choice.scores,
-                             compare_with=compare_with)
+                             compare_with=compare_with, context=logged)
 
     def costs_for(self, context: RoutingContext) -> dict[str, float]:
         """``C_i`` of this request: measured token costs, examples adding prefill where they are used."""
+        return self._costs(context.prompt_chars, sum(hint_chars(e) for e in context.examples))
+
+    def _costs(self, prompt_chars: int, example_chars: int) -> dict[str, float]:
         assert self.state is not None
-        example_chars = sum(hint_chars(e) for e in context.examples)
-        prompt_tokens = request_prompt_tokens(context.prompt_chars, example_chars,
+        prompt_tokens = request_prompt_tokens(prompt_chars, example_chars,
                                               {n: t.use_examples for n, t in self._tiers.items()},
                                               self.state.chars_per_token)
         return self.state.costs.relative_costs(prompt_tokens, self.state.completion_tokens)
+
+
+def _floats(values: Mapping[str, Any]) -> dict[str, float]:
+    """Plain floats (numpy scalars would not serialise onto the wire)."""
+    return {str(k): float(v) for k, v in values.items()}
 
 
 class BanditRouterService(LoadAwareBanditRouter):
@@ -190,7 +215,8 @@ class BanditRouterService(LoadAwareBanditRouter):
         # A SqlHistoryStore; made lazily in the worker's event loop unless one is given (then not closed here).
         self._history: Any = history
         self._owns_history = history is None
-        self._watcher = ModelWatcher(ROUTER_MODEL, lambda stored: self.apply_state(RouterState.from_dict(stored.state)),
+        self._watcher = ModelWatcher(ROUTER_MODEL, lambda stored: self.apply_state(RouterState.from_dict(stored.state),
+                                                                                    stored.version),
                                      settings.learning.model_poll_interval_s)
         self._next_cost_refresh = 0.0
 

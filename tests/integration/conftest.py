@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -21,7 +22,6 @@ from sqlalchemy.engine import URL, make_url
 POSTGRES_URL_ENV = "ECHOLM_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 POSTGRES_CONNECT_TIMEOUT_S = 5.0
-HISTORY_TABLES = ("cache_events", "examples", "responses")
 
 
 def _asyncpg_dsn(url: URL) -> str:
@@ -78,9 +78,44 @@ def postgres_url(postgres_admin_url: URL) -> Iterator[str]:
         yield url
 
 
+def _echolm_tables() -> list[str]:
+    from echolm.history.tables import Base
+
+    return sorted(Base.metadata.tables)
+
+
 @pytest.fixture
 def clean_postgres_url(postgres_url: str) -> str:
-    """The session's migrated database with the history tables emptied and their ids restarted."""
+    """The session's migrated database with every EchoLM table (history, examples and their statistics,
+    feedback, model states) emptied and the ids restarted."""
     asyncio.run(_postgres_admin(make_url(postgres_url),
-                                f"TRUNCATE {', '.join(HISTORY_TABLES)} RESTART IDENTITY CASCADE"))
+                                f"TRUNCATE {', '.join(_echolm_tables())} RESTART IDENTITY CASCADE"))
     return postgres_url
+
+
+# ---------------------------------------------------------------------------------------------
+# A migrated, empty history database on each backend: a fresh SQLite file, and the session's
+# PostgreSQL database emptied. A module that needs another shape defines its own ``database_url``.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        from echolm.history.migrate import upgrade
+
+        url = f"sqlite+aiosqlite:///{tmp_path / 'echolm.db'}"
+        asyncio.run(upgrade(url))
+        return url
+    return str(request.getfixturevalue("clean_postgres_url"))
+
+
+@pytest.fixture
+async def history(database_url: str) -> AsyncIterator[object]:
+    """A started ``SqlHistoryStore`` on ``database_url``, closed after the test."""
+    from echolm.history.store import SqlHistoryStore
+
+    store = SqlHistoryStore(database_url)
+    await store.start()
+    yield store
+    await store.aclose()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy.engine import make_url
 
 from echolm.domain import ChatMessage
 from echolm.feedback import FeedbackInput
@@ -39,7 +38,6 @@ ECHO_TIERS = [
     TierSettings(name="large", backend="echo", model="echo-large", relative_cost=3.0, use_examples=False,
                  simulated_latency_s=0.5),
 ]
-LEARNING_TABLES = ("feedback", "model_states")
 
 
 @pytest.fixture(scope="module")
@@ -51,28 +49,6 @@ def broker(tmp_path_factory):
 @pytest.fixture(scope="module")
 def embedder() -> SentenceTransformerEmbedder:
     return SentenceTransformerEmbedder("all-MiniLM-L6-v2", num_threads=1)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated database without history, feedback or models."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'echolm.db'}"
-        asyncio.run(upgrade(url))
-        return url
-    url = str(request.getfixturevalue("clean_postgres_url"))
-
-    async def truncate() -> None:
-        import asyncpg
-
-        connection = await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False))
-        try:
-            await connection.execute(f"TRUNCATE {', '.join(LEARNING_TABLES)}")
-        finally:
-            await connection.close()
-
-    asyncio.run(truncate())
-    return url
 
 
 def settings_for(tmp_path: Path, bootstrap: str | None = None, **overrides) -> Settings:
@@ -241,6 +217,74 @@ async def test_feedback_moves_the_router_and_calibration_turns_the_knob(database
         assert 0.5 <= quality.chosen.offload < calibration.chosen.offload and quality.version is None
     finally:
         await history.aclose()
+
+
+def test_the_route_context_lands_in_the_history_and_router_fit_trains_on_it(database_url, embedder, broker, tmp_path):
+    """The bandit router in a real worker (every stage, Tansu, the real history): each answer's row keeps
+    what the router saw and computed; `router fit` then reads those contexts instead of rebuilding them."""
+    from echolm.learning import load_training_data, router_training_set
+    from echolm.policy.bandit import context_vector
+    from echolm.routing.bandit_router import new_state
+    from streams.local import run_local_batch
+
+    settings = settings_for(tmp_path, broker.bootstrap, database_url=database_url, router_policy="bandit")
+    example_ids = set(asyncio.run(plant_history(database_url, embedder)))
+
+    async def with_stores(work):
+        history = SqlHistoryStore(database_url)
+        try:
+            return await work(history, FeedbackStore(history), ModelStore(history))
+        finally:
+            await history.aclose()
+
+    first = asyncio.run(with_stores(lambda h, store, models: fit_router(store, models, embedder, settings, epochs=120)))
+    assert first.version == 1 and first.logged_contexts == 0, "planted rows have no logged context: all rebuilt"
+
+    prompts = {"m1": "What is 14 plus 29? Answer with the number.", "m2": "What is 8 plus 16? Answer with the number.",
+               "p1": "Write a short poem about a snowy field.", "p2": "Write a short poem about a windy beach."}
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
+                                          "body": {"messages": [{"role": "user", "content": text}]}}) + "\n"
+                              for key, text in prompts.items()))
+    summary = run_local_batch(settings, source, tmp_path / "out.jsonl", workers=1, progress=False, stall_timeout_s=180)
+    assert summary.answered == 4 and summary.errors == 0
+    outputs = {r["custom_id"]: r["response"]["request_id"]
+               for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+
+    async def served():
+        return {key: row for key, row in zip(outputs, await with_stores(
+            lambda h, store, models: h.responses_for(list(outputs.values()))), strict=True)}
+
+    rows = asyncio.run(served())
+    assert {key: row.tier for key, row in rows.items()} == {"m1": "small", "m2": "small", "p1": "large", "p2": "large"}
+    for key, row in rows.items():
+        context = row.route_context
+        assert context is not None, f"{key}: no route context logged"
+        assert (context.policy, context.policy_version, context.tier, context.explore) == ("bandit", 1, row.tier, False)
+        assert set(context.utilities) == set(context.scores) == set(context.costs) == {"small", "large"}
+        assert context.scores[row.tier] == pytest.approx(row.route_score)
+        assert context.load_tier == "large" and context.load is not None and context.load >= 0.0
+        assert context.features.count == len(context.examples) and {e.id for e in context.examples} <= example_ids
+        assert context.prompt_chars == len(prompts[key])
+    assert all(rows[k].route_context.features.count > 0 for k in ("m1", "m2")), "math found the math examples"
+
+    async def refit():
+        async def work(history, store, models):
+            await store.record_feedback([Feedback(f"user:{row.request_id}", row.request_id, "thumbs", "user", 1.0, 1.0)
+                                         for row in rows.values()])
+            state = new_state(settings, embedder.dimension)
+            training = await router_training_set(store, models, embedder, settings, state,
+                                                 await load_training_data(store))
+            return training, await fit_router(store, models, embedder, settings, epochs=60, save=False)
+        return await with_stores(work)
+
+    training, second = asyncio.run(refit())
+    assert training.logged_contexts == 4 and second.logged_contexts == 4 and second.requests == 44
+    vectors = dict(zip(prompts, embedder.embed(list(prompts.values())), strict=True))
+    for key, row in rows.items():
+        x = training.contexts[training.request_ids.index(row.request_id)]
+        expected = context_vector(vectors[key], row.route_context.features, embedder.dimension)
+        np.testing.assert_allclose(x, expected, atol=1e-5, err_msg=f"{key}: the logged features were not used")
 
 
 async def test_the_learn_stage_adapts_the_router_to_new_feedback(database_url, embedder, tmp_path):

@@ -18,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from echolm.domain import ChatMessage
+from echolm.domain import ChatMessage, ExampleFeatures, RouteContext, RoutedExample
 from echolm.history.migrate import (
     MigrationsNotFound,
     current_revision,
@@ -181,6 +181,57 @@ async def test_response_round_trips_every_field(store: SqlHistoryStore) -> None:
     # The same instant comes back, in UTC.
     assert got[0] == replace(failed, submitted_at=T0)
     assert got[0].submitted_at.tzinfo is not None and got[0].submitted_at.utcoffset() == timedelta(0)
+
+
+ROUTE_CONTEXT = RouteContext(
+    policy="bandit", tier="small", policy_version=4, explore=False, utilities={"small": 0.61, "large": 0.55},
+    scores={"small": 0.61, "large": 0.21}, costs={"small": 1.0, "large": 2.8}, loads={"large": 2.2, "small": 0.1},
+    load_tier="large", load=2.2, load_threshold=1.0, bias=0.12, prompt_chars=38, example_chars=410,
+    examples=(RoutedExample(3, 0.93, 0.7, None), RoutedExample(1, 0.81, None, 0.9)),
+    features=ExampleFeatures(2, 0.93, 0.87, 0.755, 0.7))
+
+
+async def test_the_route_context_round_trips_and_rows_without_one_read_none(store: SqlHistoryStore) -> None:
+    await store.record_responses([response_log("with", route_context=ROUTE_CONTEXT), response_log("without")])
+    with_context, without = await store.responses_for(["with", "without"])
+    assert with_context.route_context == ROUTE_CONTEXT
+    assert without.route_context is None
+
+
+async def test_rows_logged_before_migration_0004_keep_no_route_context(empty_database_url: str) -> None:
+    from sqlalchemy import insert
+
+    from echolm.history.store import _response_values
+    from echolm.history.tables import ResponseRow
+
+    await upgrade(empty_database_url, "0003")
+    engine = make_engine(empty_database_url)
+    try:
+        async with engine.begin() as connection:  # a row as the 0003 schema wrote it: no route_context column
+            values = _response_values(response_log("before-0004"), T0)
+            del values["route_context"]
+            await connection.execute(insert(ResponseRow.__table__).values(**values))
+    finally:
+        await engine.dispose()
+    await upgrade(empty_database_url)
+    history = SqlHistoryStore(empty_database_url)
+    try:
+        (row,) = await history.responses_for(["before-0004"])
+        assert row.route_context is None and row.route_reason == "similarity>=0.8"
+        await history.record_responses([response_log("after-0004", route_context=ROUTE_CONTEXT)])
+        assert (await history.responses_for(["after-0004"]))[0].route_context == ROUTE_CONTEXT
+    finally:
+        await history.aclose()
+    await downgrade(empty_database_url, "0003")  # the column goes, the rows stay
+    assert await current_revision(empty_database_url) == "0003"
+    engine = make_engine(empty_database_url)
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns("responses")})
+            count = (await connection.execute(text("SELECT count(*) FROM responses"))).scalar_one()
+        assert "route_context" not in columns and count == 2
+    finally:
+        await engine.dispose()
 
 
 async def test_upsert_is_idempotent_and_keeps_the_latest_content(store: SqlHistoryStore) -> None:
