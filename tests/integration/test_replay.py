@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -62,23 +61,6 @@ def response_log(request_id: str, tier: str, example_ids: list[int], *, generate
         timings={"generate": generate_s}, prompt_tokens=1, completion_tokens=1,
         error_code="generation_failed" if error else None, error_message=None,
         submitted_at=finished - timedelta(seconds=generate_s), finished_at=finished)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'echolm.db'}"
-        asyncio.run(upgrade(url))
-        return url
-    return str(request.getfixturevalue("clean_postgres_url"))
-
-
-@pytest.fixture
-async def history(database_url: str) -> AsyncIterator[SqlHistoryStore]:
-    store = SqlHistoryStore(database_url)
-    await store.start()
-    yield store
-    await store.aclose()
 
 
 # ------------------------------------------------------------------ statistics on SQL
