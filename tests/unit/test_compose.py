@@ -29,7 +29,10 @@ TEST_ENVIRONMENT = {"POSTGRES_PASSWORD": "compose-test-password"}
 INFRA = {"kafka", "postgres"}
 JOBS = {"migrate", "topics"}
 VLLM_SERVERS = {"vllm-small", "vllm-large"}
-WORKERS = {"embed", "retrieve", "route", "generate-small", "generate-large", "log"}
+PIPELINE_WORKERS = {"embed", "retrieve", "route", "generate-small", "generate-large", "log"}
+# Off the request path (issue 3): each registered optional stage in a container of its own.
+LEARNING_WORKERS = {"feedback", "judge", "example-stats", "learn", "replay", "evict"}
+WORKERS = PIPELINE_WORKERS | LEARNING_WORKERS
 # Container paths that must match the volume mounts, so they are fixed rather than configurable.
 FIXED_ECHOLM_VARIABLES = {"ECHOLM_DATA_DIR", "ECHOLM_MODEL_CACHE_DIR"}
 SECRETS = {"POSTGRES_PASSWORD", "ECHOLM_OPENAI_API_KEY", "HF_TOKEN", "VLLM_API_KEY"}
@@ -206,7 +209,7 @@ def test_all_echolm_services_share_one_configuration(compose):
 
 
 def test_workers_cover_every_stage_and_every_tier(compose, monkeypatch):
-    from streams.app import STAGES
+    from streams.app import available_stages
 
     services = compose["services"]
     settings = load_settings(environment_of(services["embed"]), monkeypatch)
@@ -220,7 +223,8 @@ def test_workers_cover_every_stage_and_every_tier(compose, monkeypatch):
             tiers = [command[i + 1] for i, arg in enumerate(command) if arg == "--tier"]
             assert tiers, f"{name}: a generate worker must name its tier"
             served_tiers |= set(tiers)
-    assert stages == set(STAGES)
+    assert stages == set(available_stages()), "one service per stage `echolm worker --stage` knows"
+    assert all(services[name]["command"][3] == name for name in LEARNING_WORKERS)
     assert served_tiers == {t.name for t in settings.tiers}
     assert services["migrate"]["command"] == ["echolm", "migrate"]
     assert services["topics"]["command"] == ["echolm", "topics", "create"]
@@ -277,6 +281,30 @@ def test_restart_policies_and_grace_periods(compose, monkeypatch):
     for tier in settings.tiers:
         grace = seconds(services[f"generate-{tier.name}"]["stop_grace_period"])
         assert grace > tier.timeout_s, f"generate-{tier.name} may be killed mid-generation"
+    replay_tier = settings.tier(settings.replay.tier) if settings.replay.tier else settings.largest_tier
+    assert seconds(services["replay"]["stop_grace_period"]) > replay_tier.timeout_s, "replay killed mid-sample"
+    assert seconds(services["judge"]["stop_grace_period"]) > settings.learning.judge_timeout_s, "judge killed mid-call"
+
+
+def server_of(services: Mapping[str, Any], settings: Settings, tier_name: str) -> str:
+    """The compose service behind a tier's OpenAI-compatible URL."""
+    host = urlsplit(settings.tier(tier_name).base_url).hostname
+    assert host in services, f"tier {tier_name} calls {host}, not a service of this file"
+    return host
+
+
+def test_learning_stages_are_configured_to_do_their_work(compose, monkeypatch):
+    services = compose["services"]
+    settings = load_settings(environment_of(services["judge"]), monkeypatch)
+    assert 0 < settings.learning.judge_sample_rate <= 1
+    assert settings.replay.enabled and settings.replay.judge_tier in {t.name for t in settings.tiers}
+    assert settings.eviction.max_bytes and settings.eviction.max_examples, "evict without a budget does nothing"
+    largest = settings.largest_tier.name
+    judge_tiers = {settings.learning.reference_tier or largest, settings.learning.judge_tier or largest}
+    replay_tiers = {settings.replay.tier or largest, settings.replay.judge_tier}
+    for name, tiers in (("judge", judge_tiers), ("replay", replay_tiers)):
+        for tier in tiers:
+            assert server_of(services, settings, tier) in services[name]["depends_on"], f"{name} calls {tier}"
 
 
 def test_metrics_ports_are_exposed_and_probed(compose, monkeypatch):
