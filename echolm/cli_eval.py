@@ -62,7 +62,7 @@ def eval_command(
         n_traffic=n_traffic, k=examples, seed=seed, limit=limit, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
         phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
         generation_threads=threads or None, validate=validate, out_dir=out_dir, figures_dir=figures_dir,
-        docs=docs if docs and str(docs) else None, progress=progress,
+        docs=None if docs is None or str(docs) in ("", ".") else docs, progress=progress,  # Path("") is "."
     )
     results = run_evaluation(config, base)
     for name, summary in results["workloads"].items():
