@@ -12,6 +12,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,16 @@ from echolm.evaluation.efficiency import CostModel, CostSample, ValidationPoint,
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs
 from echolm.evaluation.harness import PHASES, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.quality import VerdictCache
+from echolm.evaluation.stage2 import learned_selections
 from echolm.evaluation.report import (
     ALWAYS_LARGE,
+    ECHOLM_COLD,
+    ECHOLM_FULL,
+    ECHOLM_LEARNED,
     ECHOLM_SIMILARITY,
     ROUTELLM,
     SEMANTIC_CACHE,
+    SMALL_LEARNED,
     SMALL_NEAREST,
     SystemPoint,
     WorkloadScorer,
@@ -44,7 +50,7 @@ log = logging.getLogger(__name__)
 RESULTS_BEGIN = "<!-- results:begin -->"
 RESULTS_END = "<!-- results:end -->"
 LATENCY_LOADS = (0.5, 0.9, 1.2)
-TOKEN_ARMS = ("large", "small", "small+nearest", "small+random", "small+selected")
+TOKEN_ARMS = ("large", "small", "small+nearest", "small+random", "small+selected", "small+learned")
 
 
 @dataclass
@@ -150,6 +156,9 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
     for workload in _workloads(config, settings):
         run = WorkloadRun.build(workload, settings, cache, embedder, k=config.k, seed=config.seed)
         run.selector = selector
+        run.learned_selector = partial(learned_selections, verdicts=verdicts,
+                                       threshold=settings.learning.selection_threshold, max_count=config.k,
+                                       seed=config.seed)
         runs.append(run)
     started = time.monotonic()
     if config.generate:
@@ -280,7 +289,10 @@ def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
     nearest = systems.get(SMALL_NEAREST)
     if small and nearest:
         targets["small_win_rate_lift_points"] = 100 * (nearest[0].win_rate - small[0].win_rate)
-    for name in (ECHOLM_SIMILARITY, "EchoLM (stage 1 + learned router)", "EchoLM (stage 2 + bandit router)"):
+    learned = systems.get(SMALL_LEARNED)
+    if small and learned:
+        targets["small_win_rate_lift_points (trained stage 2 examples)"] = 100 * (learned[0].win_rate - small[0].win_rate)
+    for name in (ECHOLM_SIMILARITY, ECHOLM_LEARNED, ECHOLM_COLD, ECHOLM_FULL):
         if name in systems:
             best = throughput_at_win_rate(systems[name], 0.5)
             targets[f"{name}: throughput at win rate >= 0.5"] = best.throughput_ratio if best else None

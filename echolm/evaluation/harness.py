@@ -7,8 +7,10 @@ early (or given a ``--max-minutes`` budget) still has the most important arms fo
 2. ``large``, ``small``: the traffic on each tier alone;
 3. ``nearest``, ``random``: the small tier with stage 1's nearest examples, and with random ones;
 4. ``cache-size``: stage 1 on smaller caches (prefixes of the cache part);
-5. ``selected``: stage 2's selection, when ``echolm.selection`` provides one;
-6. ``calibrate``: a few requests of each main arm timed again with the serving thread count (the cost
+5. ``selected``: stage 2's selection at cold start (similarity), when ``echolm.selection`` provides one;
+6. ``learned``: stage 2 with a helpfulness proxy trained on the outcomes of phases 3
+   (``echolm.evaluation.stage2``); most of its prompts equal an earlier arm's and cost nothing;
+7. ``calibrate``: a few requests of each main arm timed again with the serving thread count (the cost
    model's input; see ``echolm.evaluation.efficiency``).
 
 Every generation lands in the ``GenerationCache`` first, so phases already done cost nothing on a re-run.
@@ -34,7 +36,7 @@ from echolm.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected", "calibrate")
+PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected", "learned", "calibrate")
 CALIBRATION_ARMS = ("large", "small", "small+nearest")
 # Cache sizes of the sweep, as fractions of the cache part, in the order they are generated.
 CACHE_SIZE_FRACTIONS = (0.5, 0.1, 0.25, 0.01)
@@ -67,7 +69,12 @@ class WorkloadRun:
     embed_seconds_per_request: float
     vectors: dict[str, np.ndarray]
     selector: Callable[[TaskItem, list[tuple[int, float]], list[Example]], tuple[int, ...]] | None = None
+    cache_vectors: np.ndarray | None = None
+    # Stage 2 with a trained proxy: computes every request's kept cache indices from the outcomes of
+    # earlier arms (raises MissingGenerations until they exist); see echolm.evaluation.stage2.
+    learned_selector: Callable[[WorkloadRun], dict[str, tuple[int, ...]]] | None = None
     _examples: list[Example] | None = field(default=None, init=False)
+    _learned: dict[str, tuple[int, ...]] | None = field(default=None, init=False)
 
     @classmethod
     def build(cls, workload: Workload, settings: Settings, cache: GenerationCache, embedder: Embedder, *,
@@ -84,7 +91,7 @@ class WorkloadRun:
         ids = [item.id for item in requests] + [f"cache:{item.id}" for item in workload.cache]
         table = SimilarityTable(ids, np.vstack([request_vectors, cache_vectors]), cache_vectors)
         vectors = {item.id: vector for item, vector in zip(requests, request_vectors, strict=True)}
-        return cls(workload, settings, cache, table, k, seed, per_request, vectors)
+        return cls(workload, settings, cache, table, k, seed, per_request, vectors, cache_vectors=cache_vectors)
 
     def request_vectors(self, request_ids: Sequence[str]) -> np.ndarray:
         """The traffic requests' embeddings, stacked in the given order."""
@@ -143,6 +150,12 @@ class WorkloadRun:
                 raise MissingGenerations("no stage 2 selector is available")
             candidates = self.table.nearest(item.id, self.settings.retrieve_top_k)
             return Arm("small+selected", "small", self.selector(item, candidates, self.examples()))
+        if arm_name == "small+learned":
+            if self.learned_selector is None:
+                raise MissingGenerations("no trained stage 2 is configured")
+            if self._learned is None:
+                self._learned = self.learned_selector(self)
+            return Arm("small+learned", "small", self._learned[item.id])
         raise ValueError(f"unknown arm {arm_name!r}")
 
     def arm_names(self, phase: str) -> list[str]:
@@ -156,6 +169,8 @@ class WorkloadRun:
             return [f"small+nearest@{n}" for n in cache_sizes(len(self.workload.cache))]
         if phase == "selected":
             return ["small+selected"] if self.selector is not None else []
+        if phase == "learned":
+            return ["small+learned"] if self.learned_selector is not None else []
         raise ValueError(f"unknown phase {phase!r}")
 
     def phase_jobs(self, phase: str) -> list[GenerationJob]:

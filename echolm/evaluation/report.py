@@ -27,7 +27,9 @@ SMALL_RANDOM = "small + random examples"
 SMALL_NEAREST = "small + nearest examples (stage 1)"
 ECHOLM_SIMILARITY = "EchoLM (stage 1 + similarity router)"
 ECHOLM_LEARNED = "EchoLM (stage 1 + learned router)"
-SMALL_SELECTED = "small + stage 2 examples"
+SMALL_SELECTED = "small + stage 2 examples (cold start)"
+ECHOLM_COLD = "EchoLM (cold-start stage 2 + bandit router)"
+SMALL_LEARNED = "small + stage 2 examples (trained proxy)"
 ECHOLM_FULL = "EchoLM (stage 2 + bandit router)"
 SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
 ROUTELLM = "RouteLLM-style router (no examples)"
@@ -257,8 +259,13 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
                                                 Choice(arm="large"))
     if scorer.run.selector is not None and scorer.available("small+selected"):
         systems[SMALL_SELECTED] = [_fixed(scorer, SMALL_SELECTED, "small+selected", True)]
-        systems[ECHOLM_FULL] = _router_sweep(scorer, ECHOLM_FULL, "utility gap mu_small - mu_large >=",
+        systems[ECHOLM_COLD] = _router_sweep(scorer, ECHOLM_COLD, "utility gap mu_small - mu_large >=",
                                              scorer.bandit_scores("small+selected"), Choice(arm="small+selected"),
+                                             Choice(arm="large"))
+    if scorer.run.learned_selector is not None and scorer.available("small+learned"):
+        systems[SMALL_LEARNED] = [_fixed(scorer, SMALL_LEARNED, "small+learned", True)]
+        systems[ECHOLM_FULL] = _router_sweep(scorer, ECHOLM_FULL, "utility gap mu_small - mu_large >=",
+                                             scorer.bandit_scores("small+learned"), Choice(arm="small+learned"),
                                              Choice(arm="large"))
     hits = {rid: Choice(cached_index=index, similarity=sim) for rid, (index, sim) in best.items()}
     systems[SEMANTIC_CACHE] = _router_sweep(scorer, SEMANTIC_CACHE, "similarity >=", similarity, hits,

@@ -3,9 +3,11 @@
 The paper's proxy is a TinyBERT-sized model over (request, example) text. Ours reads the embeddings that
 stage 1 already computed, so scoring costs microseconds: for request vector ``r`` and the example's
 request vector ``e`` the features are ``[r, e, r * e, |r - e|, cos(r, e), quality, has_quality,
-log1p(response_chars) / 10]``, standardised and fed to a scikit-learn ``LogisticRegression``. The label is
-whether the example helped (a like, a won pairwise comparison, an autorater verdict) on a request that
-was served with it. Output: the probability that the example helps, in [0, 1].
+log1p(response_chars) / 10]``, standardised and fed to a scikit-learn ``LogisticRegression``. The
+embedding block is down-weighted to the weight of one feature (a stronger prior), so that with few
+labels the proxy leans on the scalar features and learns finer interactions only as labels
+accumulate. The label is whether the example helped (a like, a won pairwise comparison, an autorater
+verdict) on a request that was served with it. Output: the probability that the example helps, in [0, 1].
 
 Cold start (too few labels, or one class only): the score is the similarity clipped to [0, 1], the
 paper's stage 1 signal. The state persists as plain lists (``state_dict``), never pickle.
@@ -79,6 +81,11 @@ class HelpfulnessModel:
             return self.fitted
         x = self._checked_features(pairs)
         scaler = StandardScaler().fit(x)
+        # Why: standardised, the 4 * dim embedding columns drown the four scalar ones (similarity, quality,
+        # length) and a fit on a few hundred labels memorises example identities. Shrinking the embedding
+        # block to the weight of one feature is a stronger prior on it; the data term grows with the
+        # labels and outweighs that prior as they accumulate. Stored in the scaler: states stay compatible.
+        scaler.scale_[: 4 * self.dim] *= math.sqrt(4 * self.dim)
         classifier = LogisticRegression(
             C=self.regularisation, max_iter=2000, class_weight="balanced", random_state=self.seed
         ).fit(scaler.transform(x), y)
