@@ -174,8 +174,7 @@ def selector_fit(
                           tolerance=tolerance, save=not dry_run)
     _print({**result.summary(), "thresholds": result.thresholds})
     if not result.fitted:
-        typer.echo(f"not enough labelled pairs to train ({result.pairs}, need {min_samples} of both outcomes): "
-                   "stage 2 keeps using similarity", err=True)
+        typer.echo(f"not deployed: {result.not_deployed}; stage 2 keeps using similarity", err=True)
 
 
 # ----------------------------------------------------------------------------------------- router

@@ -41,7 +41,7 @@ from echolm.history.feedback_store import Feedback, FeedbackStore, LoggedRequest
 from echolm.judging.pairwise import MAX_SCORE, TIE_MARGIN, outcome as pairwise_outcome
 from echolm.model_store import HELPFULNESS_MODEL, ROUTER_MODEL, ModelStore
 from echolm.policy.bandit import BanditRouter, ExampleFeatures, RewardWeights, context_vector, reward
-from echolm.policy.helpfulness import HelpfulnessModel, HelpfulnessPair
+from echolm.policy.helpfulness import HelpfulnessModel, HelpfulnessPair, holdout_aucs, trained_beats_similarity
 from echolm.policy.threshold import choose_threshold, summarise_outcomes
 from echolm.protocols import Embedder
 from echolm.routing.bandit_router import RouterState, bandit_config, new_state, prior_costs
@@ -298,10 +298,14 @@ class SelectorFit:
     threshold: float | None
     holdout_auc: float | None
     thresholds: list[dict[str, float]]
+    similarity_auc: float | None = None
+    # Why the proxy was not deployed (stage 2 then keeps selecting by similarity); None when it was.
+    not_deployed: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"stored_version": self.version, "pairs": self.pairs, "helped": self.helped, "requests": self.requests,
-                "fitted": self.fitted, "threshold": self.threshold, "holdout_auc": self.holdout_auc}
+                "fitted": self.fitted, "threshold": self.threshold, "holdout_auc": self.holdout_auc,
+                "similarity_holdout_auc": self.similarity_auc, "not_deployed": self.not_deployed}
 
 
 async def fit_selector(store: FeedbackStore, models: ModelStore, embedder: Embedder, settings: Settings, *,
@@ -327,10 +331,17 @@ async def fit_selector(store: FeedbackStore, models: ModelStore, embedder: Embed
             labels.append(int(outcome.quality >= settings.learning.helped_quality))
             groups.append(index)
     model = HelpfulnessModel(embedder.dimension, min_samples=min_samples)
-    auc = _holdout_auc(embedder.dimension, pairs, labels, groups, min_samples)
+    auc, similarity_auc = holdout_aucs(embedder.dimension, pairs, labels, groups, min_samples=min_samples)
     fitted = model.fit(pairs, labels) if pairs else False
-    result = SelectorFit(None, len(pairs), sum(labels), len(served), fitted, None, auc, [])
+    result = SelectorFit(None, len(pairs), sum(labels), len(served), fitted, None, auc, [], similarity_auc)
     if not fitted:
+        result.not_deployed = f"not enough labelled pairs of both outcomes ({len(pairs)}, need {min_samples})"
+        return result
+    if not trained_beats_similarity(auc, similarity_auc):
+        result.fitted = False
+        result.not_deployed = (f"on held-out requests the proxy ranked outcomes no better than similarity "
+                               f"(AUC {auc if auc is None else round(auc, 3)} vs "
+                               f"{similarity_auc if similarity_auc is None else round(similarity_auc, 3)})")
         return result
     scores = model.score(pairs) if pairs else np.zeros(0)
     per_request: dict[int, list[float]] = defaultdict(list)
@@ -354,22 +365,6 @@ async def fit_selector(store: FeedbackStore, models: ModelStore, embedder: Embed
         state = {"model": model.state_dict(), "threshold": threshold, "embedding_dim": embedder.dimension}
         result.version = await models.save(HELPFULNESS_MODEL, state, result.summary())
     return result
-
-
-def _holdout_auc(dim: int, pairs: Sequence[HelpfulnessPair], labels: Sequence[int], groups: Sequence[int],
-                 min_samples: int) -> float | None:
-    """AUC on the 20% of requests held out (by request, so pairs of one request stay together)."""
-    from sklearn.metrics import roc_auc_score
-
-    held = {g for g in set(groups) if (g * 2654435761) % 5 == 0}
-    train = [i for i, g in enumerate(groups) if g not in held]
-    test = [i for i, g in enumerate(groups) if g in held]
-    if len(test) < 5 or len({labels[i] for i in test}) < 2:
-        return None
-    model = HelpfulnessModel(dim, min_samples=min_samples)
-    if not model.fit([pairs[i] for i in train], [labels[i] for i in train]):
-        return None
-    return float(roc_auc_score([labels[i] for i in test], model.score([pairs[i] for i in test])))
 
 
 # ----------------------------------------------------------------------------------------- router

@@ -9,6 +9,9 @@ help from outcomes of requests served with them (judge verdicts, feedback) and r
 * **training**: one ``HelpfulnessModel`` per near-duplicate group, fitted on the *other* groups'
   pairs only (leave one group out, like the evaluation's learned routers), so a request never learns
   from its own outcome or a near-duplicate's;
+* **deployment guard**: as ``echolm selector fit`` does, the trained proxy replaces similarity only
+  when it ranks held-out outcomes (20% of the training requests) better than similarity does;
+  otherwise the group's requests keep the cold-start selection;
 * **selection**: the project's ``ExampleSelector`` over the request's ``retrieve_top_k`` candidates
   with the trained model, a helpfulness threshold, the count guard ``k`` and the prompt budget. It may
   keep no example at all: the request then goes to the small model without examples.
@@ -26,7 +29,7 @@ import numpy as np
 from echolm.domain import RetrievedExample
 from echolm.evaluation.harness import MissingGenerations, WorkloadRun
 from echolm.evaluation.quality import VerdictCache
-from echolm.policy.helpfulness import HelpfulnessModel, HelpfulnessPair
+from echolm.policy.helpfulness import HelpfulnessModel, HelpfulnessPair, holdout_aucs, trained_beats_similarity
 from echolm.selection import ExampleSelector, SelectionPolicy
 
 LEARNED_ARM = "small+learned"
@@ -59,20 +62,33 @@ def labelled_pairs(run: WorkloadRun, verdicts: VerdictCache,
 
 
 def learned_selections(run: WorkloadRun, verdicts: VerdictCache, *, threshold: float, max_count: int,
-                       seed: int = 0, regularisation: float = 1.0) -> dict[str, tuple[int, ...]]:
-    """Cache indices stage 2 keeps for each traffic request, with a proxy trained leave-one-group-out."""
+                       seed: int = 0, regularisation: float = 1.0,
+                       cold_start_threshold: float | None = None) -> dict[str, tuple[int, ...]]:
+    """Cache indices stage 2 keeps for each traffic request, with a proxy trained leave-one-group-out.
+
+    Where the proxy does not pass the deployment guard, the cold-start rule (similarity >=
+    ``cold_start_threshold``, default ``learning.selection_threshold``) selects instead."""
     pairs = labelled_pairs(run, verdicts)
     examples = run.examples()
     assert run.cache_vectors is not None  # checked by labelled_pairs
     dim = run.cache_vectors.shape[1]
-    policy = SelectionPolicy(threshold, max_count, run.settings.max_examples_prompt_chars)
+    budget = run.settings.max_examples_prompt_chars
+    cold_start = ExampleSelector(SelectionPolicy(
+        run.settings.learning.selection_threshold if cold_start_threshold is None else cold_start_threshold,
+        max_count, budget))
     items = run.workload.unique_traffic
     selections: dict[str, tuple[int, ...]] = {}
     for group in sorted({item.group for item in items}):
-        train = [row for item in items if item.group != group for row in pairs[item.id]]
+        training_items = [item for item in items if item.group != group]
+        train = [(row, n) for n, item in enumerate(training_items) for row in pairs[item.id]]
+        train_pairs = [pair for (pair, _), _ in train]
+        train_labels = [label for (_, label), _ in train]
         model = HelpfulnessModel(dim, min_samples=MIN_TRAINING_PAIRS, regularisation=regularisation, seed=seed)
-        model.fit([pair for pair, _ in train], [label for _, label in train])
-        selector = ExampleSelector(policy, model)
+        model.fit(train_pairs, train_labels)
+        trained_auc, similarity_auc = holdout_aucs(dim, train_pairs, train_labels, [n for _, n in train],
+                                                   min_samples=MIN_TRAINING_PAIRS, regularisation=regularisation)
+        deployed = model.fitted and trained_beats_similarity(trained_auc, similarity_auc)
+        selector = ExampleSelector(SelectionPolicy(threshold, max_count, budget), model) if deployed else cold_start
         for item in (i for i in items if i.group == group):
             candidates = run.table.nearest(item.id, run.settings.retrieve_top_k)
             retrieved = [RetrievedExample(example=examples[i], similarity=sim) for i, sim in candidates]

@@ -146,3 +146,36 @@ class HelpfulnessModel:
             classifier.n_features_in_ = width
             model._scaler, model._classifier = scaler, classifier
         return model
+
+
+def holdout_aucs(dim: int, pairs: Sequence[HelpfulnessPair], labels: Sequence[int | bool], groups: Sequence[int], *,
+                 min_samples: int = 20, regularisation: float = 1.0) -> tuple[float | None, float | None]:
+    """(trained proxy, similarity) ROC AUC on the same held-out 20% of requests.
+
+    Held out by ``groups`` (one per served request), so the pairs of one request stay together; the
+    split is a fixed hash of the group, so repeated fits agree. ``(None, None)`` when the held-out part
+    is too small (under 5 pairs, or one outcome only) or the training part cannot be fitted.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    held = {g for g in set(groups) if (g * 2654435761) % 5 == 0}
+    train = [i for i, g in enumerate(groups) if g not in held]
+    test = [i for i, g in enumerate(groups) if g in held]
+    test_labels = [int(bool(labels[i])) for i in test]
+    if len(test) < 5 or len(set(test_labels)) < 2:
+        return None, None
+    model = HelpfulnessModel(dim, min_samples=min_samples, regularisation=regularisation)
+    if not model.fit([pairs[i] for i in train], [labels[i] for i in train]):
+        return None, None
+    held_pairs = [pairs[i] for i in test]
+    similarity = pair_features(held_pairs)[:, 4 * dim]
+    return (float(roc_auc_score(test_labels, model.score(held_pairs))),
+            float(roc_auc_score(test_labels, similarity)))
+
+
+def trained_beats_similarity(trained_auc: float | None, similarity_auc: float | None) -> bool:
+    """Whether a trained proxy should replace similarity: only when it ranked held-out outcomes better.
+
+    Why: with few labels a proxy can be worse than the cold-start rule, and stage 2 must never make
+    selection worse than stage 1 alone."""
+    return trained_auc is not None and similarity_auc is not None and trained_auc > similarity_auc

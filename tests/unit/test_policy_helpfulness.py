@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from echolm.policy.helpfulness import HelpfulnessModel, HelpfulnessPair, pair_features
+from echolm.policy.helpfulness import (
+    HelpfulnessModel,
+    HelpfulnessPair,
+    holdout_aucs,
+    pair_features,
+    trained_beats_similarity,
+)
 
 DIM = 16
 
@@ -77,3 +83,22 @@ def test_feature_layout_and_validation():
         HelpfulnessModel(DIM + 1).score(pairs)
     with pytest.raises(ValueError):
         HelpfulnessModel(DIM).fit(pairs, [True])
+
+
+def test_holdout_comparison_prefers_the_proxy_only_where_it_ranks_outcomes_better():
+    pairs, labels = _pairs(400, seed=4)
+    groups = list(range(len(pairs)))
+    trained, similarity = holdout_aucs(DIM, pairs, labels, groups)
+    assert trained is not None and similarity is not None
+    assert trained > 0.9 and abs(similarity - 0.5) < 0.15
+    assert trained_beats_similarity(trained, similarity)
+
+    # Where similarity carries the signal and labels are few, the proxy must at least match it to replace it.
+    assert not trained_beats_similarity(0.70, 0.75)
+    assert not trained_beats_similarity(None, 0.75)
+    assert not trained_beats_similarity(0.9, None)
+
+
+def test_holdout_comparison_needs_both_outcomes_held_out():
+    pairs, _ = _pairs(40, seed=5)
+    assert holdout_aucs(DIM, pairs, [True] * len(pairs), list(range(len(pairs)))) == (None, None)
