@@ -1,8 +1,9 @@
 """Sustained load: a steady request rate through the whole pipeline for minutes, with memory watched.
 
-Starts an embedded Tansu broker and the pipeline's workers (one process per stage by default, the
-production shape), seeds the example cache with GSM8K questions answered "by the large tier", then
-sends requests at a fixed rate for ``--duration`` seconds:
+Starts an embedded Tansu broker and the pipeline's workers (``--topology per-stage``: one process
+per request-path stage, the production shape; ``all``: one process running every stage, the
+learning stages included), seeds the example cache with GSM8K questions answered "by the large
+tier", then sends requests at a fixed rate for ``--duration`` seconds:
 
 * most requests are variants of cached questions ("... (ticket 123)"): retrieval finds the example,
   the router offloads them to the small tier with the example prepended;
@@ -12,11 +13,15 @@ sends requests at a fixed rate for ``--duration`` seconds:
 
 Generation is the echo backend (``--latency`` simulates a model's time per request), so what is
 measured is EchoLM itself. Reported: achieved rate, end-to-end latency p50/p99 as the client sees
-it (send to response), lag (sent minus answered) over time, and per worker process the peak RSS
-and the RSS slope over the second half of the run, in bytes per request: "flat" means the slope is
-under ``--flat-threshold`` bytes per request.
+it (send to response), lag over time (sent minus answered, and per stage the events waiting in
+front of it, from the workers' ``echolm_stage_events_total``), the bytes the topics hold at the
+end, and per process the peak RSS and the RSS slope over the second half of the run in bytes per
+request: "flat" means the slope is under ``--flat-threshold`` bytes per request.
 
-    python bench/bench_load.py --rate 20 --duration 180 --plot docs/figures/load.png --json bench/results/load.json
+    python bench/bench_load.py --topology per-stage --rate 20 --duration 180 \
+        --json bench/results/load_per_stage.json --plot docs/figures/load_per_stage.png
+    python bench/bench_load.py --topology all --rate 20 --duration 180 \
+        --json bench/results/load_all.json --plot docs/figures/load_all.png
 """
 
 from __future__ import annotations
@@ -367,6 +372,7 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         workers[name] = {
             "cpu_share_of_one_core": round(cpu / send_s, 3) if send_s else None,
             "peak_rss_mib": round(peaks[name] / 2**20, 1),
+            "rss_first_mib": round(in_run[0].rss.get(name, 0) / 2**20, 1) if in_run else None,
             "rss_start_of_second_half_mib": round(points[0][1] / 2**20, 1) if points else None,
             "rss_end_mib": round(points[-1][1] / 2**20, 1) if points else None,
             "slope_bytes_per_s": round(per_second, 1),
@@ -396,7 +402,7 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         "stage_backlog_end": in_run[-1].backlog if in_run else {},
         "by_tier": run.tiers,
         "example_cache_first_last": [cache[0], cache[-1]] if cache else None,
-        # Tansu keeps topics in memory (no retention): its RSS growth should match what the topics hold.
+        # Tansu keeps topics in memory with no retention: compare with the broker's RSS growth.
         "topic_records": run.topic_records, "topic_mib": round(run.topic_bytes / 2**20, 1),
         "topic_bytes_per_request": round(run.topic_bytes / total) if total else None,
         "flat_threshold_bytes_per_request": args.flat_threshold,
@@ -452,11 +458,14 @@ def plot(result: dict, path: Path) -> None:
         axes[2].plot(t, [p["backlog"].get(stage, 0) for p in timeline], label=f"waiting for {stage}", alpha=0.8)
     axes[2].set_ylabel("lag (events)")
     axes[2].legend(loc="upper left", fontsize=8, ncol=2)
-    for name in result["workers"]:
-        axes[3].plot(t, [p["rss"].get(name, 0) / 2**20 for p in timeline], label=name)
-    axes[3].set_ylabel("RSS (MiB)")
+    # Growth since the first sample: a creep of a few MiB would vanish on an absolute scale.
+    for name, worker in result["workers"].items():
+        first = timeline[0]["rss"].get(name, 0) if timeline else 0
+        axes[3].plot(t, [(p["rss"].get(name, 0) - first) / 2**20 for p in timeline],
+                     label=f"{name} (from {first / 2**20:.0f}, peak {worker['peak_rss_mib']:.0f} MiB)")
+    axes[3].set_ylabel("RSS growth (MiB)")
     axes[3].set_xlabel("seconds since the first request")
-    axes[3].legend(loc="center right", fontsize=8, ncol=2)
+    axes[3].legend(loc="upper left", fontsize=7)
     fig.suptitle(f"EchoLM sustained load: {result['rate_target']:g} req/s for {result['duration_s']:g}s "
                  f"({result['topology']} topology, echo latency {result['latency_setting_s']}s)")
     fig.tight_layout()

@@ -8,6 +8,8 @@ would be a latency cliff.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -18,6 +20,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
 
 BUNDLED_MINILM = "all-MiniLM-L6-v2"
 ComputeDtype = Literal["float32", "bfloat16"]
@@ -43,6 +47,34 @@ def resolve_dtype(dtype: str) -> ComputeDtype:
 # MiniLM on short texts stops getting faster beyond a few threads; more only take cores from the
 # model tiers generating on the same machine.
 MAX_DEFAULT_THREADS = 4
+
+# Input shapes are bucketed because torch's oneDNN (mkldnn) path keeps kernels and buffers per
+# (rows, tokens) shape: an embedder fed stage batches of a few texts of any length kept meeting new
+# shapes, and its RSS grew by ~300 KiB per request (+480 MiB over 400 calls of 1-4 texts in
+# bfloat16, still growing; float32 less). With token counts padded to a multiple of 32 and row
+# counts to a bucket (``row_bucket``), the shapes form a small fixed set and RSS levels off (+50 MiB
+# for batches of 1-4 texts, ~+140 MiB for 1-24). The padding costs embedding time: one request p50
+# 8.1 -> 8.9 ms in bfloat16, 16.5 -> 19.4 ms in float32 (docs/benchmarks.md, "Sustained load").
+SEQUENCE_BUCKET = 32
+
+
+def row_bucket(rows: int, batch_size: int) -> int:
+    """The row count a chunk of ``rows`` texts (1 <= rows <= batch_size) is padded to.
+
+    Buckets are powers of two and 1.5x powers of two (1, 2, 3, 4, 6, 8, 12, ...), capped at
+    ``batch_size``: a chunk gets fewer filler rows than half its texts, and chunks of up to 64
+    texts take 12 row counts.
+    """
+    if not 1 <= rows <= batch_size:
+        raise ValueError(f"rows must be in [1, {batch_size}], got {rows}")
+    power = 1 << (rows - 1).bit_length()  # smallest power of two >= rows
+    three_quarters = power * 3 // 4
+    return min(three_quarters if three_quarters >= rows else power, batch_size)
+
+
+def sequence_bucket(max_seq_length: int | None) -> int:
+    """Pad token counts to a multiple of this; it divides the model's limit, so padding never passes it."""
+    return math.gcd(SEQUENCE_BUCKET, max_seq_length) if max_seq_length else SEQUENCE_BUCKET
 
 
 def resolve_model_path(model: str) -> Path:
@@ -82,11 +114,15 @@ class SentenceTransformerEmbedder:
     request and 1.8x the batch throughput on a CPU with native bf16 (AVX512-BF16/AMX), with cosine
     >= 0.998 to the float32 vectors; on CPUs without native bf16 it is slower. Vectors stored by one
     dtype and queried with the other stay comparable.
+
+    ``bucket_shapes`` (default on) pads every model call to one of a fixed set of shapes (see
+    ``SEQUENCE_BUCKET``, ``row_bucket``) so that memory stays flat under a steady request stream;
+    padded tokens are masked and filler rows dropped, so the vectors are the same.
     """
 
     def __init__(self, model: str = BUNDLED_MINILM, batch_size: int = 64, *,
                  num_threads: int | None = None, dtype: str = "float32",
-                 max_seq_length: int | None = None) -> None:
+                 max_seq_length: int | None = None, bucket_shapes: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads is not None and num_threads < 1:
@@ -96,6 +132,7 @@ class SentenceTransformerEmbedder:
         self.dtype: ComputeDtype = resolve_dtype(dtype)
         self._num_threads = num_threads
         self._max_seq_length = max_seq_length
+        self.bucket_shapes = bucket_shapes
         self._model: SentenceTransformer | None = None
         self._dimension: int | None = None
         self._lock = threading.Lock()
@@ -118,12 +155,31 @@ class SentenceTransformerEmbedder:
             assert self._dimension is not None
             if not texts:
                 return np.zeros((0, self._dimension), dtype=np.float32)
-            encoded = model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
-                                   normalize_embeddings=True, show_progress_bar=False)
-        vectors = np.ascontiguousarray(encoded.float().cpu().numpy(), dtype=np.float32)
+            if self.bucket_shapes:
+                vectors = self._encode_in_row_buckets(model, list(texts))
+            else:
+                vectors = self._encode(model, list(texts), self.batch_size)
         if self.dtype != "float32":
             # Normalised in low precision; restore unit length in float32 so inner product = cosine.
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
+
+    @staticmethod
+    def _encode(model: SentenceTransformer, texts: list[str], batch_size: int) -> np.ndarray:
+        encoded = model.encode(texts, batch_size=batch_size, convert_to_tensor=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+        return np.ascontiguousarray(encoded.float().cpu().numpy(), dtype=np.float32)
+
+    def _encode_in_row_buckets(self, model: SentenceTransformer, texts: list[str]) -> np.ndarray:
+        """Chunks of ``batch_size`` texts, longest first (as ``encode`` would), each padded to a row bucket."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors = np.empty((len(texts), self._dimension or 0), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            rows = [texts[i] for i in chunk]
+            # Filler rows repeat the chunk's shortest text, so they never raise its token bucket.
+            rows += [rows[-1]] * (row_bucket(len(rows), self.batch_size) - len(rows))
+            vectors[chunk] = self._encode(model, rows, len(rows))[:len(chunk)]
         return vectors
 
     def _load_locked(self) -> SentenceTransformer:
@@ -147,6 +203,8 @@ class SentenceTransformerEmbedder:
             model.to(torch.bfloat16)
         if self._max_seq_length is not None:
             model.max_seq_length = self._max_seq_length
+        if self.bucket_shapes:
+            _pad_tokens_to_buckets(model)
         # Renamed in sentence-transformers 6; the old name still exists there, deprecated.
         get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         dimension = get_dimension()
@@ -155,3 +213,18 @@ class SentenceTransformerEmbedder:
         self._dimension = int(dimension)
         self._model = model
         return model
+
+
+def _pad_tokens_to_buckets(model: SentenceTransformer) -> None:
+    """Makes the model's tokenizer pad each batch to a multiple of ``sequence_bucket`` tokens.
+
+    sentence-transformers 6 takes tokenizer arguments in its first module's ``processing_kwargs``;
+    older versions have no such hook, and there only the row counts are bucketed.
+    """
+    module = model[0]
+    settings = getattr(module, "processing_kwargs", None)
+    if not isinstance(settings, dict):
+        log.warning("this sentence-transformers version cannot pad token counts to buckets: the embedder's "
+                    "memory may grow with every new input length")
+        return
+    settings["text"] = {**settings.get("text", {}), "pad_to_multiple_of": sequence_bucket(model.max_seq_length)}

@@ -80,3 +80,29 @@ def test_bfloat16_compute_gives_float32_unit_vectors_close_to_float32(embedder):
     assert low.dtype == np.float32 and low.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, atol=1e-5)
     assert (np.sum(low * embedder.embed(texts), axis=1) > 0.99).all()
+
+
+def test_bucketed_shapes_give_the_same_vectors(embedder):
+    texts = ["hi", "How do I reverse a list in Python?", "x " * 400] + [f"step {i} " * i for i in range(1, 12)]
+    unbucketed = SentenceTransformerEmbedder(bucket_shapes=False).embed(texts)
+    np.testing.assert_allclose(embedder.embed(texts), unbucketed, atol=1e-5)
+
+
+def test_a_stream_of_batches_of_any_size_and_length_reaches_the_model_in_few_shapes():
+    # Each new (rows, tokens) shape costs torch's oneDNN path memory it keeps: the number of
+    # distinct shapes bounds the embedder's memory under a request stream.
+    embedder = SentenceTransformerEmbedder(batch_size=32)
+    embedder.embed(["load the model"])
+    shapes: set[tuple[int, ...]] = set()
+    embedder._model[0].register_forward_pre_hook(  # noqa: SLF001 - observing the real model's inputs
+        lambda module, args: shapes.add(tuple(args[0]["input_ids"].shape)))
+    rng = np.random.default_rng(0)
+    words = "the of a ducks eggs per day how many dollars does she make every market".split()
+    for _ in range(60):
+        rows = int(rng.integers(1, 33))
+        embedder.embed([" ".join(rng.choice(words, int(rng.integers(1, 120)))) for _ in range(rows)])
+    assert all(tokens % 32 == 0 for _, tokens in shapes)
+    # 10 row buckets up to 32 x 4 token buckets up to 128: a bound that no longer grows with the stream.
+    assert len(shapes) <= 40
+    assert len({rows for rows, _ in shapes}) > 3  # the stream did vary the batch sizes
+
