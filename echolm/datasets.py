@@ -70,7 +70,13 @@ def mbpp_member(language: str) -> str:
 
 def load_gsm8k(cache_dir: Path) -> list[TaskItem]:
     """GSM8K test (1,319 grade-school maths problems), in the data set's order."""
-    return parse_gsm8k(_read_docs(_wheel(cache_dir), GSM8K_MEMBER))
+    return parse_gsm8k(load_gsm8k_docs(cache_dir))
+
+
+def load_gsm8k_docs(cache_dir: Path) -> list[dict[str, Any]]:
+    """GSM8K's raw records: ``question``, ``answer`` (worked solution with ``<<a*b=c>>`` annotations),
+    ``short_answer``, ``id``."""
+    return _read_docs(_wheel(cache_dir), GSM8K_MEMBER)
 
 
 def load_mbpp(cache_dir: Path, languages: Sequence[str] = ("python",)) -> list[TaskItem]:

@@ -10,6 +10,11 @@ Workloads by data set:
 
 * **GSM8K**: no two questions are near-duplicates; cache and traffic questions are disjoint (the
   paper's train/test split), traffic repeats popular questions.
+* **GSM8K, numbers changed** (``gsm8k-numbers``): a group is one GSM8K problem. The cache holds the
+  problem as published; traffic asks it again with other numbers (``number_variants``: the solution's
+  annotated arithmetic re-run, so every variant has a known answer), each request with its own
+  numbers, over the cached problems and unseen ones alike. A cached answer returned verbatim is
+  wrong; used as an example it shows the way. Only problems whose arithmetic can be traced are used.
 * **MBPP**: a group is one programming task. The cache holds each cached task once, asked in Python
   or translated into another language (the data set ships 17: real near-duplicates). Traffic asks for
   Python only (so unit tests can judge every answer), with a different example test shown than the
@@ -30,18 +35,19 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from echolm.datasets import TaskItem, load_gsm8k, load_mbpp
+from echolm.datasets import TaskItem, load_gsm8k, load_gsm8k_docs, load_mbpp, parse_gsm8k
+from echolm.evaluation.number_variants import Untraceable, vary
 
 # Languages the MBPP cache part draws its non-Python phrasings from (popular ones, with readable code).
 MBPP_CACHE_LANGUAGES = ("javascript", "java", "cpp", "go", "rust", "typescript")
 DEFAULT_ZIPF_S = 1.1
-BUILT_IN_WORKLOADS = ("gsm8k", "mbpp", "mbpp-camel")
+BUILT_IN_WORKLOADS = ("gsm8k", "gsm8k-numbers", "mbpp", "mbpp-camel")
 # Appended to every GSM8K question (cache and traffic alike). Without it both models wrote long LaTeX
 # derivations that 200 tokens cut before the answer (3 of the first 4 large-model answers, measured).
 GSM8K_INSTRUCTION = "Solve it step by step, briefly. End with a line of the form: The answer is <number>."
@@ -122,6 +128,72 @@ def gsm8k_workload(items: Sequence[TaskItem], *, n_cache: int, n_pool: int, n_tr
                      f"Zipf(s={zipf_s}) over {n_pool} other questions"),
         extra={"zipf_s": zipf_s, "pool": n_pool},
     )
+
+
+def number_variant(item: TaskItem, solution: str, draw: int, seed: int) -> TaskItem:
+    """Draw number ``draw`` of ``item`` with new numbers (deterministic); raises ``Untraceable``.
+
+    ``item`` is a parsed GSM8K problem (its prompt the bare question), ``solution`` its raw answer.
+    """
+    variant = vary(item.prompt, solution, item.answer or "", random.Random(f"{seed}:{item.id}:{draw}"))
+    return replace(item, id=f"{item.id}-n{draw}", prompt=f"{variant.question}\n{GSM8K_INSTRUCTION}",
+                   reference=variant.solution, answer=variant.answer)
+
+
+def gsm8k_numbers_workload(docs: Sequence[dict[str, object]], *, n_cache: int, n_unseen: int, n_traffic: int,
+                           zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0,
+                           max_tokens: int = GSM8K_MAX_TOKENS) -> Workload:
+    """Cache: ``n_cache`` GSM8K problems as published. Traffic: ``n_traffic`` Zipf draws over them and
+    ``n_unseen`` others, each request the drawn problem with its own new numbers."""
+    rng = random.Random(seed)
+    items = parse_gsm8k(docs)  # type: ignore[arg-type]
+    solutions = {item.id: str(doc["answer"]) for item, doc in zip(items, docs, strict=True)}
+    traceable = []
+    for item in items:
+        try:
+            number_variant(item, solutions[item.id], 1, seed)  # draw 1: the first request's numbers
+        except Untraceable:
+            continue
+        traceable.append(item)
+    rng.shuffle(traceable)
+    if len(traceable) < n_cache + n_unseen:
+        raise ValueError(f"GSM8K has {len(traceable)} problems whose numbers can be changed; "
+                         f"{n_cache + n_unseen} needed")
+    cache = [replace(item, prompt=f"{item.prompt}\n{GSM8K_INSTRUCTION}") for item in traceable[:n_cache]]
+    served = traceable[:n_cache + n_unseen]
+    rng.shuffle(served)
+    by_group = {item.group: item for item in served}
+    asked: dict[str, dict[str, TaskItem]] = {}  # group -> prompt -> request
+    traffic = []
+    for group in zipf_sample([item.group for item in served], n_traffic, zipf_s, rng):
+        seen = asked.setdefault(group, {})
+        request = _fresh_variant(by_group[group], solutions[group], len(seen) + 1, seed, seen)
+        seen[request.prompt] = request
+        traffic.append(request)
+    return Workload(
+        name="gsm8k-numbers", cache=tuple(cache), traffic=tuple(traffic), verifier="numeric", max_tokens=max_tokens,
+        description=(f"GSM8K test, numbers changed: {n_cache} problems as published in the cache part; traffic "
+                     f"{n_traffic} requests, Zipf(s={zipf_s}) over the {n_cache} cached and {n_unseen} unseen "
+                     f"problems, each asked with its own numbers ({len(traceable)} of {len(items)} problems "
+                     "have arithmetic that can be re-run)"),
+        extra={"zipf_s": zipf_s, "unseen": n_unseen, "traceable": len(traceable)},
+    )
+
+
+def _fresh_variant(item: TaskItem, solution: str, draw: int, seed: int, seen: Mapping[str, TaskItem]) -> TaskItem:
+    """Variant ``draw``, or a later one when its numbers repeat an earlier request's (``seen``: prompt ->
+    request); a problem with few valid numbers may run out, and then the earlier request repeats, as
+    in real traffic."""
+    for attempt in (draw, *range(draw + 1000, draw + 1050)):
+        try:
+            variant = number_variant(item, solution, attempt, seed)
+        except Untraceable:  # these numbers found no whole answer; other draws may
+            continue
+        if variant.prompt not in seen:
+            return replace(variant, id=f"{item.id}-n{draw}")
+    if not seen:
+        raise ValueError(f"{item.id}: no variant with a whole answer in 51 draws")
+    return next(iter(seen.values()))
 
 
 def _with_shown_test(item: TaskItem, index: int) -> TaskItem:
@@ -253,10 +325,13 @@ def load_workload(name: str, cache_dir: Path, *, n_cache: int = 40, n_traffic: i
     if name == "gsm8k":
         return gsm8k_workload(load_gsm8k(cache_dir), n_cache=n_cache, n_pool=n_traffic, n_traffic=n_traffic,
                               seed=seed)
+    if name == "gsm8k-numbers":
+        return gsm8k_numbers_workload(load_gsm8k_docs(cache_dir), n_cache=n_cache, n_unseen=max(1, n_cache // 2),
+                                      n_traffic=n_traffic, seed=seed)
     if name in ("mbpp", "mbpp-camel"):
         items = load_mbpp(cache_dir, languages=("python", *MBPP_CACHE_LANGUAGES))
         python = [t for t in items if t.language == "python"]
         others = [t for t in items if t.language != "python"]
         return mbpp_workload(python, others, n_cache=n_cache, n_unseen=max(1, n_cache // 2), n_traffic=n_traffic,
                              seed=seed, camel_case_traffic=name == "mbpp-camel")
-    raise ValueError(f"unknown workload {name!r}: use gsm8k, mbpp, mbpp-camel, or pass a JSONL file")
+    raise ValueError(f"unknown workload {name!r}: use gsm8k, gsm8k-numbers, mbpp, mbpp-camel, or pass a JSONL file")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from echolm.datasets import TaskItem
 from echolm.evaluation.workload import (
     GSM8K_INSTRUCTION,
     camel_case,
+    gsm8k_numbers_workload,
     gsm8k_workload,
     jsonl_items,
     jsonl_workload,
@@ -140,3 +142,39 @@ def test_jsonl_workload_reads_prompts_references_and_picks_the_verifier(tmp_path
     with pytest.raises(ValueError, match="prompt"):
         (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
         jsonl_items(tmp_path / "bad.jsonl")
+
+
+def _gsm_docs(n: int) -> list[dict[str, object]]:
+    """Problems with traceable arithmetic (``a`` apples at ``b`` dollars each), plus one that is not."""
+    docs: list[dict[str, object]] = [
+        {"id": i, "question": f"Tom buys {20 + i} apples at ${5 + i % 7} each. How much does he pay?",
+         "answer": f"{20 + i}*{5 + i % 7}=<<{20 + i}*{5 + i % 7}={(20 + i) * (5 + i % 7)}>>\n"
+                   f"#### {(20 + i) * (5 + i % 7)}",
+         "short_answer": str((20 + i) * (5 + i % 7))}
+        for i in range(n)
+    ]
+    docs.append({"id": n, "question": "Half of the 10 cats left.", "answer": "It is 5.\n#### 5", "short_answer": "5"})
+    return docs
+
+
+def test_gsm8k_numbers_caches_published_problems_and_asks_them_again_with_other_numbers() -> None:
+    workload = gsm8k_numbers_workload(_gsm_docs(30), n_cache=10, n_unseen=5, n_traffic=40, seed=3)
+    assert workload.name == "gsm8k-numbers" and workload.verifier == "numeric"
+    assert all(item.prompt.endswith(GSM8K_INSTRUCTION) for item in (*workload.cache, *workload.traffic))
+    assert "gsm8k-30" not in {item.group for item in workload.cache}  # the untraceable problem is left out
+    cached = {item.group: item for item in workload.cache}
+    assert {item.group for item in workload.traffic} & set(cached)
+    for request in workload.traffic:
+        apples, price = (int(n) for n in re.findall(r"\d+", request.prompt.split("\n")[0]))
+        assert request.answer == str(apples * price)  # each request's own numbers, its own answer
+        if request.group in cached:
+            assert request.prompt != cached[request.group].prompt
+    # Requests of one problem differ from each other: a verbatim cache never has the answer.
+    per_group: dict[str, set[str]] = {}
+    for request in workload.traffic:
+        per_group.setdefault(request.group, set()).add(request.prompt)
+    popular = max(per_group.values(), key=len)
+    assert len(popular) > 3
+    assert len(workload.unique_traffic) == sum(len(prompts) for prompts in per_group.values())
+    again = gsm8k_numbers_workload(_gsm_docs(30), n_cache=10, n_unseen=5, n_traffic=40, seed=3)
+    assert again == workload  # deterministic
