@@ -217,6 +217,9 @@ class Settings(BaseSettings):
         default="auto", description="auto: bfloat16 where the CPU has native bf16 (~1.5x faster, cosine >= 0.998)"
     )
     embedder_threads: int | None = Field(default=None, ge=1, description="torch threads for embedding (1 on machines shared with LLMs)")
+    embedder_warm_up_shapes: bool = Field(
+        default=True, description="workers run the embedder once per padded input shape at start (~7 s on one "
+                                  "core) so its memory is level from the first request; off = one short text")
     retrieve_top_k: int = Field(default=5, ge=0, description="candidate examples retrieved per request")
     min_similarity: float = Field(default=0.5, ge=-1, le=1, description="candidates below are never used")
     ivf_min_examples: int = Field(default=50_000, description="switch a tenant's index to IVF (~sqrt(N) clusters) above this size")

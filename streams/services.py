@@ -51,8 +51,12 @@ class Services:
                                                    batch_size=self.settings.embed_batch_size,
                                                    num_threads=self.settings.embedder_threads,
                                                    dtype=self.settings.embedder_dtype)
-            await asyncio.to_thread(embedder.embed, ["warm up"])
-            log.info("embedder %s ready (dimension %d)", self.settings.embedder_model, embedder.dimension)
+            if self.settings.embedder_warm_up_shapes:
+                shapes = await asyncio.to_thread(embedder.warm_up_shapes, self.settings.stage_batch_size)
+            else:
+                shapes = len(await asyncio.to_thread(embedder.embed, ["warm up"]))
+            log.info("embedder %s ready (dimension %d, %d input shapes warmed)", self.settings.embedder_model,
+                     embedder.dimension, shapes)
             return embedder
 
         return await self._once("embedder", build)
@@ -69,8 +73,13 @@ class Services:
 
     async def example_cache(self) -> ExampleCache:
         async def build() -> ExampleCache:
-            embedder = await self.embedder()
-            cache = ExampleCache.from_settings(embedder.dimension, self.settings)
+            if "embedder" in self._built:
+                dimension = (await self.embedder()).dimension
+            else:  # a worker that only retrieves sizes its index without loading the model
+                from echolm.retrieval.embedder import embedding_dimension
+
+                dimension = await asyncio.to_thread(embedding_dimension, self.settings.embedder_model)
+            cache = ExampleCache.from_settings(dimension, self.settings)
             await cache.sync_from(await self.history())
             log.info("example cache loaded: %d examples", len(cache))
             return cache

@@ -8,6 +8,8 @@ would be a latency cliff.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -97,6 +99,25 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def embedding_dimension(model: str) -> int:
+    """The width of ``model``'s vectors, read from its files without loading it.
+
+    A retrieve or log worker only sizes its vector index and never embeds: loading torch and the
+    weights there cost ~800 MiB of memory and the start-up warm-up. Reads the last Dense module's
+    ``out_features`` or else the Pooling module's ``word_embedding_dimension``; falls back to loading.
+    """
+    path = resolve_model_path(model)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        for module in reversed(modules):
+            config_file = path / module["path"] / "config.json"
+            if module["type"].endswith("Dense"):
+                return int(json.loads(config_file.read_text(encoding="utf-8"))["out_features"])
+            if module["type"].endswith("Pooling"):
+                return int(json.loads(config_file.read_text(encoding="utf-8"))["word_embedding_dimension"])
+    return SentenceTransformerEmbedder(model).dimension
+
+
 class SentenceTransformerEmbedder:
     """``Embedder`` backed by sentence-transformers on CPU: float32 output, L2-normalised, loaded on first use.
 
@@ -163,6 +184,27 @@ class SentenceTransformerEmbedder:
             # Normalised in low precision; restore unit length in float32 so inner product = cosine.
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
+
+    def warm_up_shapes(self, max_rows: int | None = None) -> int:
+        """Runs the model once on every padded shape a call of up to ``max_rows`` texts can take.
+
+        A long-running worker calls this at start so that the per-shape state (see
+        ``SEQUENCE_BUCKET``) is allocated before traffic arrives and its memory stays level from the
+        first request, instead of creeping up while rare shapes turn up. Returns the number of shapes.
+        """
+        if not self.bucket_shapes:
+            raise RuntimeError("warm_up_shapes needs bucket_shapes=True: without it the shapes are unbounded")
+        with self._lock:
+            model = self._load_locked()
+            rows_limit = min(max_rows or self.batch_size, self.batch_size)
+            row_counts = sorted({row_bucket(rows, self.batch_size) for rows in range(1, rows_limit + 1)})
+            step = sequence_bucket(model.max_seq_length)
+            # Texts tokenising to exactly n tokens ([CLS] + n - 2 words + [SEP]) land in bucket n.
+            for tokens in range(step, model.max_seq_length + 1, step):
+                text = " ".join(["word"] * (tokens - 2))
+                for rows in row_counts:
+                    self._encode(model, [text] * rows, rows)
+        return len(row_counts) * (model.max_seq_length // step)
 
     @staticmethod
     def _encode(model: SentenceTransformer, texts: list[str], batch_size: int) -> np.ndarray:

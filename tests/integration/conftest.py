@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import URL, make_url
 
+# Workers in these tests serve a few dozen requests: skip the embedder's per-shape warm-up (~7 s a
+# start), which keeps a long-running worker's memory level; test_embedder.py tests it directly.
+os.environ.setdefault("ECHOLM_EMBEDDER_WARM_UP_SHAPES", "false")
+
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL (history store). The server of the development/CI machine: 127.0.0.1:5432, trust
 # auth. ECHOLM_TEST_POSTGRES_URL names an admin URL (a database the tests may connect to in order

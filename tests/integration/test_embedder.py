@@ -5,7 +5,7 @@ import pytest
 
 from echolm.domain import Example
 from echolm.protocols import CacheEvent, Embedder
-from echolm.retrieval.embedder import SentenceTransformerEmbedder, resolve_model_path
+from echolm.retrieval.embedder import SentenceTransformerEmbedder, embedding_dimension, resolve_model_path
 from echolm.retrieval.example_cache import ExampleCache
 
 pytestmark = pytest.mark.integration
@@ -106,3 +106,28 @@ def test_a_stream_of_batches_of_any_size_and_length_reaches_the_model_in_few_sha
     assert len(shapes) <= 40
     assert len({rows for rows, _ in shapes}) > 3  # the stream did vary the batch sizes
 
+
+
+def test_warm_up_meets_every_shape_a_stream_of_stage_batches_can_take():
+    # A worker warms up at start so that no request later meets a shape (and its memory) for the
+    # first time: every shape of a random stream must be one the warm-up already ran.
+    embedder = SentenceTransformerEmbedder(batch_size=32)
+    warmed: set[tuple[int, ...]] = set()
+    embedder.embed(["load the model"])
+    hook = embedder._model[0].register_forward_pre_hook(  # noqa: SLF001 - observing the real model's inputs
+        lambda module, args: warmed.add(tuple(args[0]["input_ids"].shape)))
+    count = embedder.warm_up_shapes(max_rows=8)
+    hook.remove()
+    assert count == len(warmed) == 6 * 8  # row buckets 1, 2, 3, 4, 6, 8 x token buckets 32, 64, ..., 256
+    later: set[tuple[int, ...]] = set()
+    embedder._model[0].register_forward_pre_hook(  # noqa: SLF001
+        lambda module, args: later.add(tuple(args[0]["input_ids"].shape)))
+    rng = np.random.default_rng(1)
+    words = "the of a ducks eggs per day how many dollars does she make every market".split()
+    for _ in range(40):
+        embedder.embed([" ".join(rng.choice(words, int(rng.integers(1, 400)))) for _ in range(int(rng.integers(1, 9)))])
+    assert later and later <= warmed
+
+
+def test_the_dimension_is_read_from_the_model_files_without_loading_it(embedder):
+    assert embedding_dimension("all-MiniLM-L6-v2") == embedder.dimension == 384
