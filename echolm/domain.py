@@ -6,6 +6,10 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# The ``tier`` of a response served verbatim from the example cache (echolm.routing.reuse): not a
+# model tier, so no configured tier may take the name.
+REUSE_TIER = "cache"
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from echolm.domain import REUSE_TIER
 from echolm.prompting import PromptLayout
 
 GeneratorBackend = Literal["llamacpp", "openai", "vllm", "echo"]
@@ -232,6 +233,11 @@ class Settings(BaseSettings):
     )
     offload_min_examples: int = Field(default=1, ge=0, description="close examples needed to offload")
     offload_min_similarity: float = Field(default=0.8, ge=-1, le=1, description="what counts as close (cosine)")
+    reuse_min_similarity: float | None = Field(
+        default=None, ge=-1, le=1,
+        description="answer repeats verbatim from the cache (tier 'cache', no generation) when the best example is at "
+                    "least this similar, e.g. 0.98; unset = never: near-duplicates that differ need a new answer")
+    reuse_min_quality: float = Field(default=0.5, ge=0, le=1, description="examples scored below this are never reused verbatim")
 
     # Generation
     tiers: list[TierSettings] = Field(default_factory=_default_tiers, description="model tiers as a JSON list")
@@ -275,6 +281,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _admission_tiers_exist(self) -> Settings:
+        if any(t.name == REUSE_TIER for t in self.tiers):
+            raise ValueError(f"tier name {REUSE_TIER!r} is reserved for answers reused from the cache")
         unknown = set(self.admit_from_tiers) - {t.name for t in self.tiers}
         if unknown:
             raise ValueError(f"admit_from_tiers names unknown tiers: {sorted(unknown)}")

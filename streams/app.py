@@ -18,7 +18,7 @@ from typing import Any
 
 import faust
 
-from echolm.domain import EchoLMError, ErrorCode
+from echolm.domain import REUSE_TIER, EchoLMError, ErrorCode
 from echolm.settings import Settings
 from streams import metrics
 from streams.records import InFlightRequest, RequestRecord, ResponseRecord
@@ -311,8 +311,9 @@ class _Wiring:
         async def handle(records: list[InFlightRequest]) -> list[Outgoing]:
             stage = await self._stage("route", lambda: self._build(RouteStage, self.services.router()))
             outgoing = await stage.process(records)
-            for o in outgoing:
-                metrics.ROUTED.labels(o.topic.rsplit(".", 1)[-1]).inc()
+            for o in outgoing:  # a response straight from the route stage is a verbatim reuse
+                tier = REUSE_TIER if o.topic == self.settings.topics.responses else o.topic.rsplit(".", 1)[-1]
+                metrics.ROUTED.labels(tier).inc()
             for record in records:
                 metrics.EXAMPLES_PER_REQUEST.observe(len(record.examples or []))
             return outgoing

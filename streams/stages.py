@@ -40,6 +40,7 @@ from echolm.protocols import (
 )
 from echolm.retrieval.example_cache import ExampleCache
 from echolm.routing.comparison import comparison_request_id
+from echolm.routing.reuse import REUSE_TIER, reusable_example
 from echolm.routing.route_context import describe_route
 from echolm.selection import StageTwo
 from echolm.settings import Settings, TierSettings
@@ -227,6 +228,10 @@ class RouteStage:
                 prompt_chars=sum(len(m.content) for m in request.messages),
                 examples=examples, embedding=record.embedding(),
             )
+            reused = reusable_example(examples, self._settings.reuse_min_similarity, self._settings.reuse_min_quality)
+            if reused is not None:
+                out.append(_respond(self._settings, self._reuse(record, reused, started)))
+                continue
             decision = self._router.route(context)
             route = RouteInfo(tier=decision.tier, score=decision.score, reason=decision.reason,
                               use_examples=decision.use_examples, scores=decision.scores,
@@ -238,6 +243,21 @@ class RouteStage:
             if decision.compare_with and decision.compare_with != decision.tier:
                 out.extend(self._comparison(updated, decision.compare_with))
         return out
+
+    def _reuse(self, record: InFlightRequest, reused: RetrievedExample, started: float) -> ResponseRecord:
+        """The request answered with ``reused``'s cached answer, verbatim: a repeat needs no generation."""
+        request = record.request
+        ref = next(ref for ref in record.examples or [] if ref.id == reused.example.id)
+        route = RouteInfo(tier=REUSE_TIER, score=reused.similarity, use_examples=False,
+                          reason=(f"verbatim reuse of example {ref.id}: similarity {reused.similarity:.3f} >= "
+                                  f"{self._settings.reuse_min_similarity}"))
+        return ResponseRecord(
+            request_id=request.request_id, tenant=request.tenant, custom_id=request.custom_id,
+            messages=request.messages, text=ref.response, tier=REUSE_TIER, model=ref.model, examples=[ref],
+            route=route, prompt_tokens=0, completion_tokens=0, finish_reason="stop",
+            timings={**record.timings, self.name: time.perf_counter() - started},
+            embedding_b64=record.embedding_b64, submitted_at=request.submitted_at,
+        )
 
     def _comparison(self, record: InFlightRequest, tier_name: str) -> list[Outgoing]:
         """Selective feedback: the same request on a second tier, under its own id, for the judge."""

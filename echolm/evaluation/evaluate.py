@@ -26,6 +26,7 @@ from echolm.evaluation.report import (
     ECHOLM_COLD,
     ECHOLM_FULL,
     ECHOLM_LEARNED,
+    ECHOLM_REUSE,
     ECHOLM_SIMILARITY,
     ROUTELLM,
     SEMANTIC_CACHE,
@@ -292,7 +293,7 @@ def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
     learned = systems.get(SMALL_LEARNED)
     if small and learned:
         targets["small_win_rate_lift_points (trained stage 2 examples)"] = 100 * (learned[0].win_rate - small[0].win_rate)
-    for name in (ECHOLM_SIMILARITY, ECHOLM_LEARNED, ECHOLM_COLD, ECHOLM_FULL):
+    for name in (ECHOLM_SIMILARITY, ECHOLM_LEARNED, ECHOLM_COLD, ECHOLM_FULL, ECHOLM_REUSE):
         if name in systems:
             best = throughput_at_win_rate(systems[name], 0.5)
             targets[f"{name}: throughput at win rate >= 0.5"] = best.throughput_ratio if best else None

@@ -21,6 +21,7 @@ from echolm.evaluation.report import (  # noqa: E402
     ECHOLM_COLD,
     ECHOLM_FULL,
     ECHOLM_LEARNED,
+    ECHOLM_REUSE,
     ECHOLM_SIMILARITY,
     ROUTELLM,
     SEMANTIC_CACHE,
@@ -43,6 +44,7 @@ STYLE: dict[str, dict[str, object]] = {
     ECHOLM_COLD: {"color": "tab:pink", "marker": "o"},
     SMALL_LEARNED: {"color": "tab:red", "marker": "D"},
     ECHOLM_FULL: {"color": "tab:red", "marker": "o"},
+    ECHOLM_REUSE: {"color": "darkgreen", "marker": "*"},
     SEMANTIC_CACHE: {"color": "tab:orange", "marker": "^"},
     ROUTELLM: {"color": "tab:brown", "marker": "P"},
 }

@@ -31,9 +31,12 @@ SMALL_SELECTED = "small + stage 2 examples (cold start)"
 ECHOLM_COLD = "EchoLM (cold-start stage 2 + bandit router)"
 SMALL_LEARNED = "small + stage 2 examples (trained proxy)"
 ECHOLM_FULL = "EchoLM (stage 2 + bandit router)"
+ECHOLM_REUSE = "EchoLM + verbatim reuse of repeats"
 SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
 ROUTELLM = "RouteLLM-style router (no examples)"
 TARGET_WIN_RATE = 0.5
+# ECHOLM_REUSE_MIN_SIMILARITY settings tried: bars high enough that only repeats pass.
+REUSE_BARS = (0.95, 0.98, 0.99)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,17 +260,23 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
         systems[ECHOLM_LEARNED] = _router_sweep(scorer, ECHOLM_LEARNED, "predicted win rate >=",
                                                 scorer.learned_scores("small+nearest"), Choice(arm="small+nearest"),
                                                 Choice(arm="large"))
+    hits = {rid: Choice(cached_index=index, similarity=sim) for rid, (index, sim) in best.items()}
     if scorer.run.selector is not None and scorer.available("small+selected"):
         systems[SMALL_SELECTED] = [_fixed(scorer, SMALL_SELECTED, "small+selected", True)]
-        systems[ECHOLM_COLD] = _router_sweep(scorer, ECHOLM_COLD, "utility gap mu_small - mu_large >=",
-                                             scorer.bandit_scores("small+selected"), Choice(arm="small+selected"),
-                                             Choice(arm="large"))
+        gaps = scorer.bandit_scores("small+selected")
+        systems[ECHOLM_COLD] = _router_sweep(scorer, ECHOLM_COLD, "utility gap mu_small - mu_large >=", gaps,
+                                             Choice(arm="small+selected"), Choice(arm="large"))
+        systems[ECHOLM_REUSE] = [
+            scorer.evaluate(ECHOLM_REUSE, {rid: hits[rid] if similarity[rid] >= bar else choice
+                                           for rid, choice in threshold_choices(
+                                               gaps, t, Choice(arm="small+selected"), Choice(arm="large")).items()},
+                            knob=f"reuse at similarity >= {bar}; utility gap >=", knob_value=t)
+            for bar in REUSE_BARS for t in sweep_thresholds(gaps.values())]
     if scorer.run.learned_selector is not None and scorer.available("small+learned"):
         systems[SMALL_LEARNED] = [_fixed(scorer, SMALL_LEARNED, "small+learned", True)]
         systems[ECHOLM_FULL] = _router_sweep(scorer, ECHOLM_FULL, "utility gap mu_small - mu_large >=",
                                              scorer.bandit_scores("small+learned"), Choice(arm="small+learned"),
                                              Choice(arm="large"))
-    hits = {rid: Choice(cached_index=index, similarity=sim) for rid, (index, sim) in best.items()}
     systems[SEMANTIC_CACHE] = _router_sweep(scorer, SEMANTIC_CACHE, "similarity >=", similarity, hits,
                                             Choice(arm="large"))
     return systems

@@ -42,7 +42,13 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         systems = summary["systems"]
         assert {"always-large", "always-small", "small + nearest examples (stage 1)",
                 "semantic cache (GPTCache-style)", "RouteLLM-style router (no examples)",
-                "EchoLM (stage 2 + bandit router)"} <= set(systems)
+                "EchoLM (stage 2 + bandit router)", "EchoLM + verbatim reuse of repeats"} <= set(systems)
+        # Reuse only takes requests whose best example passes the bar: never more than the semantic
+        # cache at its loosest setting, and at the strictest gap setting the rest stays on the large tier.
+        reuse = systems["EchoLM + verbatim reuse of repeats"]
+        assert max(p["cache_hit_share"] for p in reuse) <= max(
+            p["cache_hit_share"] for p in systems["semantic cache (GPTCache-style)"])
+        assert all("reuse at similarity >=" in p["knob"] for p in reuse)
         large = systems["always-large"][0]
         assert large["win_rate"] == pytest.approx(0.5)  # by construction: a tie with itself
         assert large["throughput_ratio"] == pytest.approx(1.0)

@@ -154,3 +154,37 @@ async def test_static_router_double_routes_everything_to_its_tier(tier):
     [record] = await embed([request("r", "anything")])
     out = await RouteStage(SETTINGS, StaticRouter(tier)).process([record.model_copy(update={"examples": []})])
     assert out[0].topic == SETTINGS.topics.generate(tier)
+
+
+async def test_a_repeat_above_the_reuse_bar_is_answered_verbatim_from_the_route_stage():
+    reuse = SETTINGS.model_copy(update={"reuse_min_similarity": 0.98, "reuse_min_quality": 0.5})
+    [record] = await embed([request("r1", "what is two plus two")])
+    refs = {"repeat": ExampleRef(id=7, similarity=0.995, prompt="what is two plus two", response="4", model="big"),
+            "close": ExampleRef(id=8, similarity=0.93, prompt="what is 2+2", response="4", model="big"),
+            "poor": ExampleRef(id=9, similarity=0.999, prompt="what is two plus two", response="5", model="big",
+                               quality=0.1)}
+    records = [record.model_copy(update={"request": request(name, "what is two plus two"), "examples": [ref]})
+               for name, ref in refs.items()]
+    out = await RouteStage(reuse, StaticRouter("small")).process(records)
+    by_id = {o.key: o for o in out}
+    assert by_id["close"].topic == by_id["poor"].topic == SETTINGS.topics.generate("small")
+    assert by_id["repeat"].topic == SETTINGS.topics.responses
+    [answer] = decode([by_id["repeat"]], ResponseRecord)
+    assert answer.ok and answer.text == "4" and answer.tier == "cache" and answer.model == "big"
+    assert [e.id for e in answer.examples] == [7] and answer.completion_tokens == 0
+    assert "verbatim reuse of example 7" in answer.route.reason and "route" in answer.timings
+    # Off by default: the same repeat is routed to generation.
+    [routed] = await RouteStage(SETTINGS, StaticRouter("small")).process(records[:1])
+    assert routed.topic == SETTINGS.topics.generate("small")
+
+
+async def test_a_reused_answer_is_logged_but_never_admitted_again_as_an_example():
+    store = InMemoryHistoryStore()
+    reuse = SETTINGS.model_copy(update={"reuse_min_similarity": 0.98})
+    [record] = await embed([request("r1", "what is two plus two")])
+    ref = ExampleRef(id=7, similarity=0.995, prompt="what is two plus two", response="4", model="big")
+    [out] = await RouteStage(reuse, StaticRouter("small")).process([record.model_copy(update={"examples": [ref]})])
+    await LogStage(reuse, store).process(decode([out], ResponseRecord))
+    [logged] = await store.responses_for(["r1"])
+    assert logged.tier == "cache" and logged.example_ids == [7] and logged.response == "4"
+    assert await store.count_examples() == 0
