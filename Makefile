@@ -9,11 +9,24 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-# pip keeps the compiled llama-cpp-python wheel in its cache, so only the first setup on a machine compiles it.
-$(VENV)/.installed: pyproject.toml
+# llama-cpp-python ships only as source. Its default build is -march=native, which on a CPU that
+# reports AMX compiles AMX tile code that dies with a general protection fault (ldtilecfg) in VMs
+# that do not grant the AMX state; so it is built once per machine for a portable x86-64 level
+# (AVX2/FMA/F16C, no AVX-512, no AMX) into a wheel directory that pip installs from.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_WHEELS ?= $(HOME)/.cache/echolm/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable
+
+$(LLAMA_WHEELS)/.built:
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,plots]'
+	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e '.[test,plots]'
 	touch $@
 
 demo: setup

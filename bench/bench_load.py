@@ -2,8 +2,8 @@
 
 Starts an embedded Tansu broker and the pipeline's workers (``--topology per-stage``: one process
 per request-path stage, the production shape; ``all``: one process running every stage, the
-learning stages included), seeds the example cache with GSM8K questions answered "by the large
-tier", then sends requests at a fixed rate for ``--duration`` seconds:
+learning stages included; ``per-stage-full``: per-stage plus one process per learning stage),
+seeds the example cache with GSM8K questions answered "by the large tier", then sends requests at a fixed rate for ``--duration`` seconds:
 
 * most requests are variants of cached questions ("... (ticket 123)"): retrieval finds the example,
   the router offloads them to the small tier with the example prepended;
@@ -57,6 +57,11 @@ PER_STAGE = {
     "generate-small": ("generate", ("small",)), "generate-large": ("generate", ("large",)), "log": ("log", ()),
 }
 ALL_IN_ONE = {"all": ("all", ())}
+# The request path per stage plus every learning stage in its own process: what "all" runs, split up,
+# so a memory trend of the all-in-one worker can be traced to one stage.
+LEARNING_STAGES = ("feedback", "judge", "example-stats", "learn", "replay", "evict")
+PER_STAGE_FULL = {**PER_STAGE, **{name: (name, ()) for name in LEARNING_STAGES}}
+TOPOLOGIES = {"per-stage": PER_STAGE, "all": ALL_IN_ONE, "per-stage-full": PER_STAGE_FULL}
 
 
 def echo_tiers(latency_s: float, concurrency: int) -> list[TierSettings]:
@@ -483,8 +488,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of sending (default 180)")
     parser.add_argument("--latency", type=float, default=0.0, help="simulated generation seconds per request")
     parser.add_argument("--concurrency", type=int, default=8, help="generations at once per tier worker")
-    parser.add_argument("--topology", choices=["per-stage", "all"], default="per-stage",
-                        help="one worker process per stage (default) or one process running every stage")
+    parser.add_argument("--topology", choices=sorted(TOPOLOGIES), default="per-stage",
+                        help="per-stage: one worker process per request-path stage (default); all: one process "
+                             "running every stage; per-stage-full: per-stage plus one process per learning stage")
     parser.add_argument("--cached", type=int, default=1200, help="GSM8K questions in the cache before the run")
     parser.add_argument("--fresh-share", type=float, default=0.1,
                         help="share of requests that are questions not cached yet (answered large, then admitted)")
@@ -507,7 +513,7 @@ def main() -> None:
     # processes and the broker are stopped rather than left running.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    topology = PER_STAGE if args.topology == "per-stage" else ALL_IN_ONE
+    topology = TOPOLOGIES[args.topology]
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(Path(tmp)) as broker:
         prefix = f"load{uuid.uuid4().hex[:6]}"
         tenant = prefix
