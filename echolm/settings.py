@@ -236,7 +236,7 @@ class Settings(BaseSettings):
     reuse_min_similarity: float | None = Field(
         default=None, ge=-1, le=1,
         description="answer repeats verbatim from the cache (tier 'cache', no generation) when the best example is at "
-                    "least this similar, e.g. 0.98; unset = never: near-duplicates that differ need a new answer")
+                    "least this similar, e.g. 0.995 (MiniLM: paraphrases 0.97-0.99); unset = never: near-duplicates that differ need a new answer")
     reuse_min_quality: float = Field(default=0.5, ge=0, le=1, description="examples scored below this are never reused verbatim")
 
     # Generation

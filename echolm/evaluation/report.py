@@ -36,7 +36,7 @@ SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
 ROUTELLM = "RouteLLM-style router (no examples)"
 TARGET_WIN_RATE = 0.5
 # ECHOLM_REUSE_MIN_SIMILARITY settings tried: bars high enough that only repeats pass.
-REUSE_BARS = (0.95, 0.98, 0.99)
+REUSE_BARS = (0.95, 0.98, 0.99, 0.995)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ on near-duplicates that differ in content: "the same task with camelCase names" 
 with other numbers" needs a new answer, for which the cached one is only an example. On *exact*
 repeats, though, generating again is waste: a verbatim answer is as good and costs nothing. So
 EchoLM can treat reuse as one more option before routing, off by default and gated by a similarity
-bar high enough that only repeats pass (``ECHOLM_REUSE_MIN_SIMILARITY``, e.g. 0.98), and by the
+bar high enough that only repeats pass (``ECHOLM_REUSE_MIN_SIMILARITY``, e.g. 0.995), and by the
 example's quality where a judge or replay has scored it.
 """
 
