@@ -3,7 +3,8 @@
 Starts an embedded Tansu broker and the pipeline's workers (``--topology per-stage``: one process
 per request-path stage, the production shape; ``all``: one process running every stage, the
 learning stages included; ``per-stage-full``: per-stage plus one process per learning stage),
-seeds the example cache with GSM8K questions answered "by the large tier", then sends requests at a fixed rate for ``--duration`` seconds:
+seeds the example cache with GSM8K questions answered "by the large tier", then sends requests at
+a fixed rate for ``--duration`` seconds:
 
 * most requests are variants of cached questions ("... (ticket 123)"): retrieval finds the example,
   the router offloads them to the small tier with the example prepended;
@@ -18,10 +19,12 @@ front of it, from the workers' ``echolm_stage_events_total``), the bytes the top
 end, and per process the peak RSS and the RSS slope over the second half of the run in bytes per
 request: "flat" means the slope is under ``--flat-threshold`` bytes per request.
 
-    python bench/bench_load.py --topology per-stage --rate 20 --duration 180 \
+    python bench/bench_load.py --topology per-stage --rate 20 --duration 300 \
         --json bench/results/load_per_stage.json --plot docs/figures/load_per_stage.png
-    python bench/bench_load.py --topology all --rate 20 --duration 180 \
+    python bench/bench_load.py --topology all --rate 20 --duration 300 \
         --json bench/results/load_all.json --plot docs/figures/load_all.png
+    python bench/bench_load.py --topology per-stage-full --rate 20 --duration 300 \
+        --json bench/results/load_per_stage_full.json --plot docs/figures/load_per_stage_full.png
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from echolm.settings import Settings, TierSettings, TopicSettings  # noqa: E402
+from streams.app import STAGES, available_stages  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.kafka_io import RequestProducer, ResponseCollector, create_topics, pipeline_topics  # noqa: E402
 from streams.records import Message, RequestRecord, ResponseRecord  # noqa: E402
@@ -59,7 +63,7 @@ PER_STAGE = {
 ALL_IN_ONE = {"all": ("all", ())}
 # The request path per stage plus every learning stage in its own process: what "all" runs, split up,
 # so a memory trend of the all-in-one worker can be traced to one stage.
-LEARNING_STAGES = ("feedback", "judge", "example-stats", "learn", "replay", "evict")
+LEARNING_STAGES = tuple(stage for stage in available_stages() if stage not in STAGES)
 PER_STAGE_FULL = {**PER_STAGE, **{name: (name, ()) for name in LEARNING_STAGES}}
 TOPOLOGIES = {"per-stage": PER_STAGE, "all": ALL_IN_ONE, "per-stage-full": PER_STAGE_FULL}
 

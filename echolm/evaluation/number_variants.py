@@ -7,7 +7,7 @@ mechanically instead of with hand-written templates). Teams' traffic looks like 
 of question asked again with other figures. A cached answer returned verbatim is then wrong, while
 the cached worked solution, used as an example, shows how to solve it.
 
-Only problems whose arithmetic can be traced are varied; the rest yield ``None``:
+Only problems whose arithmetic can be traced are varied; for the rest ``vary`` raises ``Untraceable``:
 
 * every annotation must evaluate to its stated result (plain ``+ - * /`` and parentheses);
 * the last annotation's result must be the data set's answer;
@@ -30,6 +30,7 @@ import ast
 import operator
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -127,8 +128,7 @@ def format_like(value: Fraction, original: str) -> str:
     decimals = len(original.partition(".")[2])
     if value.denominator != 1 and decimals == 0:
         decimals = 2
-    text = f"{float(value):,.{decimals}f}" if "," in original else f"{float(value):.{decimals}f}"
-    return text
+    return f"{float(value):,.{decimals}f}" if "," in original else f"{float(value):.{decimals}f}"
 
 
 def format_result(value: Fraction) -> str:
@@ -165,24 +165,22 @@ def vary(question: str, solution: str, answer: str, rng: random.Random) -> Numbe
     if steps[-1].result != exact_value(answer):
         raise Untraceable("the last annotation is not the answer")
     mentions = [(m.group(), exact_value(m.group())) for m in NUMBER.finditer(question)]
-    inputs = {value for _, value in mentions}
-    operand_counts: dict[Fraction, int] = {}
+    mention_counts = Counter(value for _, value in mentions)
+    operand_counts = Counter(exact_value(operand) for step in steps for operand in OPERAND.findall(step.expression))
     seen_results: set[Fraction] = set()
     used: set[Fraction] = set()
     for step in steps:
         for operand in OPERAND.findall(step.expression):
             value = exact_value(operand)
-            operand_counts[value] = operand_counts.get(value, 0) + 1
             if value in seen_results:
                 continue
-            if value in inputs:
+            if value in mention_counts:
                 used.add(value)
             elif not _justified_constant(value, question):
                 raise Untraceable(f"operand {operand} in {step.expression!r} is neither an input, a result "
                                   "nor a constant the question names")
         seen_results.add(step.result)
     texts = {value: text for text, value in mentions}
-    mention_counts = {value: sum(1 for _, v in mentions if v == value) for value in inputs}
     changeable = {
         value for value in used
         if value >= MIN_CHANGED and mention_counts[value] == 1 and value not in seen_results
@@ -194,7 +192,7 @@ def vary(question: str, solution: str, answer: str, rng: random.Random) -> Numbe
         replacements = {value: new_value(texts[value], rng) for value in changeable}
         if any(new == old for old, new in replacements.items()):
             continue
-        rerun = _rerun(steps, replacements, lambda value: value in inputs or _justified_constant(value, question))
+        rerun = _rerun(steps, replacements, lambda value: value in mention_counts or _justified_constant(value, question))
         if rerun is not None:
             return _render(question, texts, replacements, rerun)
     raise Untraceable(f"no new numbers gave a whole positive answer in {MAX_ATTEMPTS} draws")

@@ -64,15 +64,19 @@ def test_a_constant_from_unannotated_reasoning_is_refused() -> None:
 
 
 def test_whole_counts_stay_whole() -> None:
-    question = "A trip takes 4 hours. How many berries per trip to collect 24 berries in 8 hours?"
-    answer = "8/4=<<8/4=2>>2 trips\n24 / 2 = <<24/2=12>>12\n#### 12"
+    # 4-hour trips in 8 hours: every other hour count (6, 7, 9, 10, 11) makes a fractional number of
+    # trips, so no variant is given rather than "1.5 trips".
+    answer = "8/{trip}=<<8/{trip}={trips}>>{trips} trips\n24 / {trips} = <<24/{trips}={per}>>{per}\n#### {per}"
+    question = "A trip takes {trip} hours. How many berries per trip to collect 24 berries in 8 hours?"
     for draw in range(10):
-        try:
-            variant = vary(question, answer, "12", random.Random(draw))
-        except Untraceable:
-            continue
-        hours = int(variant.changed.get("8", "8"))
-        assert hours % 4 == 0
+        with pytest.raises(Untraceable, match="whole"):
+            vary(question.format(trip=4), answer.format(trip=4, trips=2, per=12), "12", random.Random(draw))
+    # 2-hour trips: the even hour counts give whole trips, and only those are drawn.
+    varied = []
+    for draw in range(10):
+        variant = vary(question.format(trip=2), answer.format(trip=2, trips=4, per=6), "6", random.Random(draw))
+        varied.append(int(variant.changed.get("8", "8")))
+    assert all(hours % 2 == 0 for hours in varied) and set(varied) != {8}
 
 
 def test_solutions_whose_arithmetic_cannot_be_checked_are_refused() -> None:
