@@ -89,7 +89,10 @@ class ResponseRow(Base):
     """One finished request (answered or failed): written once per request id, replaced on re-delivery."""
 
     __tablename__ = "responses"
-    __table_args__ = (Index("ix_responses_tenant_finished_at", "tenant", "finished_at"),)
+    __table_args__ = (
+        Index("ix_responses_tenant_finished_at", "tenant", "finished_at"),
+        Index("ix_responses_tier_finished_at", "tier", "finished_at"),
+    )
 
     request_id: Mapped[str] = mapped_column(String, primary_key=True)
     tenant: Mapped[str] = mapped_column(String)
