@@ -3,13 +3,15 @@
 When there are examples, the system message becomes the user's own (or ``DEFAULT_SYSTEM_PROMPT``)
 followed by ``HINT_GUIDANCE``, a fixed text telling the model how to treat hints (judge their
 relevance, quality and helpfulness; ignore unrelated ones; follow good format; use helpful
-information), and the last user turn is rewritten in one of two layouts (``PromptLayout``):
+information), and the hints go in one of three layouts (``PromptLayout``):
 
 * ``hints-first`` (the default): ``HINTS_HEADER``; each example framed as a *hint*, "a solved similar
   request"; ``HINTS_REMINDER`` (they guide, not dictate); ``REQUEST_HEADER`` and the instruction,
   once, last.
 * ``paper``: the paper's order: the instruction; ``HINTS_HEADER``; the hints; ``HINTS_REMINDER``;
   ``REQUEST_AGAIN`` and the instruction repeated.
+* ``system``: the hints go in the system message (``SYSTEM_HINTS_HEADER``, the hints,
+  ``SYSTEM_HINTS_REMINDER``) and the user's turns stay exactly as sent.
 
 Why hints-first is the default: with the paper's order, Qwen2.5-Coder-0.5B stopped reasoning on
 GSM8K and answered with one line copied from a hint ("The answer is 16" for 5 of 5 different
@@ -18,7 +20,15 @@ as without hints) and changed nothing on MBPP (2 of 10 either way, same-task hin
 more with other requests: everything up to the first hint is byte-identical across requests, so a
 serving engine's prefix cache reuses it.
 
-Examples are hints inside the user's turn and never earlier chat turns: as fake turns, the small
+Why ``system`` exists: on GSM8K problems asked again with other numbers (the ``gsm8k-numbers``
+workload) Qwen2.5-Coder-0.5B given a worked solution of the same problem inside its user turn skipped
+the reasoning and answered with one bare line ("The answer is 108.", 8 tokens) in 8 of 8 probes, with
+either user-turn layout and with wording that asked it to redo the steps; with the same hint in the
+system message it redid the solution's steps with the request's numbers: 9 of 19 right vs 4 of 19
+without any hint and 0 of 8 with user-turn hints (session 4 probe, docs/evaluation.md). It is not the
+default yet: the evaluation has not measured it on every workload.
+
+Examples are never earlier chat turns: as fake turns, the small
 model copied the foreign answer verbatim (MBPP: 7% pass with the same task's solution in another
 language as a chat turn, 30% framed as a hint).
 """
@@ -51,7 +61,9 @@ REQUEST_AGAIN = "My request again:"
 
 REQUEST_HEADER = "### My request"
 
-PromptLayout = Literal["hints-first", "paper"]
+SYSTEM_HINTS_HEADER = "Solved similar requests, for reference only:"
+
+PromptLayout = Literal["hints-first", "paper", "system"]
 
 
 def order_examples(examples: Sequence[RetrievedExample]) -> list[RetrievedExample]:
@@ -100,18 +112,20 @@ def build_messages(
     if not chosen or last_user is None:
         return list(messages)
 
-    instruction = messages[last_user].content.strip()
     hints = "\n\n".join(render_hint(i, example) for i, example in enumerate(chosen, start=1))
+    rest = list(messages)
+    system_text = rest.pop(0).content if rest and rest[0].role == "system" else DEFAULT_SYSTEM_PROMPT
+    if layout == "system":
+        system = f"{system_text} {SYSTEM_HINTS_HEADER}\n\n{hints}"
+        return [ChatMessage(role="system", content=system), *rest]
+
+    instruction = messages[last_user].content.strip()
     if layout == "paper":
         user_content = f"{instruction}\n\n{HINTS_HEADER}\n\n{hints}\n\n{HINTS_REMINDER}\n\n{REQUEST_AGAIN}\n{instruction}"
     else:
         user_content = f"{HINTS_HEADER}\n\n{hints}\n\n{HINTS_REMINDER}\n\n{REQUEST_HEADER}\n{instruction}"
 
-    rest = list(messages)
-    if rest and rest[0].role == "system":
-        system_text = rest.pop(0).content
+    if messages[0].role == "system":
         last_user -= 1
-    else:
-        system_text = DEFAULT_SYSTEM_PROMPT
     rest[last_user] = ChatMessage(role="user", content=user_content)
     return [ChatMessage(role="system", content=f"{system_text}\n\n{HINT_GUIDANCE}"), *rest]

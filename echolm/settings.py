@@ -246,7 +246,7 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=32_000, ge=1, description="requests longer than this are refused")
     max_examples_prompt_chars: int = Field(default=6_000, ge=0, description="budget for prepended examples")
     prompt_layout: PromptLayout = Field(
-        default="hints-first", description="where hints go in the prompt: hints-first (request last) or paper (request, hints, request again)"
+        default="hints-first", description="where hints go in the prompt: hints-first (request last), paper (request, hints, request again) or system (hints in the system message, user turns unchanged)"
     )
     admission_hook: str | None = Field(
         default=None, description="'module:callable' run before an answer becomes an example (PII scrubbing)"

@@ -15,6 +15,7 @@ from echolm.prompting import (
     HINTS_REMINDER,
     REQUEST_AGAIN,
     REQUEST_HEADER,
+    SYSTEM_HINTS_HEADER,
     build_messages,
     render_hint,
     select_within_budget,
@@ -87,6 +88,31 @@ def test_paper_layout_follows_the_paper_order() -> None:
     ]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     assert user.startswith(instruction) and user.endswith(instruction)
+
+
+def test_system_layout_puts_the_hints_in_the_system_message_and_keeps_the_user_turns() -> None:
+    messages = [ChatMessage("system", "Be terse."), ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello"),
+                ChatMessage("user", "Sort a list.")]
+    examples = [_example(2, 0.5), _example(1, 0.9)]
+    out = build_messages(messages, examples, budget_chars=BIG_BUDGET, layout="system")
+
+    assert out[1:] == messages[1:]
+    system = out[0]
+    assert system.role == "system"
+    assert system.content.startswith(f"Be terse. {SYSTEM_HINTS_HEADER}")
+    # most similar first, framed as hints, in the system message only
+    assert system.content.index("### Hint 1") < system.content.index("answer number 1")
+    assert system.content.index("answer number 1") < system.content.index("### Hint 2")
+    assert system.content.index("### Hint 2") < system.content.index("answer number 2")
+    assert all("answer number" not in m.content for m in out[1:])
+
+
+def test_system_layout_without_a_system_message_uses_the_default_one() -> None:
+    out = build_messages(_request("Sort a list."), [_example(1, 0.9)], budget_chars=BIG_BUDGET, layout="system")
+
+    assert [m.role for m in out] == ["system", "user"]
+    assert out[0].content.startswith(f"{DEFAULT_SYSTEM_PROMPT} {SYSTEM_HINTS_HEADER}")
+    assert out[1] == ChatMessage("user", "Sort a list.")
 
 
 def test_examples_are_hints_inside_the_user_turn_never_earlier_chat_turns() -> None:
