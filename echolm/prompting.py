@@ -21,12 +21,14 @@ more with other requests: everything up to the first hint is byte-identical acro
 serving engine's prefix cache reuses it.
 
 Why ``system`` exists: on GSM8K problems asked again with other numbers (the ``gsm8k-numbers``
-workload) Qwen2.5-Coder-0.5B given a worked solution of the same problem inside its user turn skipped
-the reasoning and answered with one bare line ("The answer is 108.", 8 tokens) in 8 of 8 probes, with
-either user-turn layout and with wording that asked it to redo the steps; with the same hint in the
-system message it redid the solution's steps with the request's numbers: 9 of 19 right vs 4 of 19
-without any hint and 0 of 8 with user-turn hints (session 4 probe, docs/evaluation.md). It is not the
-default yet: the evaluation has not measured it on every workload.
+workload), given the same problem's published worked solution as its one hint, Qwen2.5-Coder-0.5B
+answered with a bare final line ("The answer is 108.") with ``hints-first`` (38 of 40) and ``paper``
+(40 of 40) and solved 1 of 40, against 5 of 40 alone; with ``system`` it redid the solution's steps
+with the request's numbers and solved 16 of 40 (``bench/probe_hint_layouts.py``, session 4). The
+position is not what matters: ``hints-first`` with ``HINT_GUIDANCE`` replaced by one neutral sentence
+solved 15 of 40. The guidance text ("follow the format of good solutions") is what turns the small
+model to the final line; ``system`` carries none. Neither is the default yet: ``echolm eval`` has not
+measured them on every workload (the guidance is the paper's and was in place for the MBPP results).
 
 Examples are never earlier chat turns: as fake turns, the small
 model copied the foreign answer verbatim (MBPP: 7% pass with the same task's solution in another
