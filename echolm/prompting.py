@@ -1,17 +1,18 @@
 """How retrieved examples are put in front of the small model.
 
-When there are examples, the system message becomes the user's own (or ``DEFAULT_SYSTEM_PROMPT``)
-followed by ``HINT_GUIDANCE``, a fixed text telling the model how to treat hints (judge their
-relevance, quality and helpfulness; ignore unrelated ones; follow good format; use helpful
-information), and the hints go in one of three layouts (``PromptLayout``):
+When there are examples, the hints go in one of three layouts (``PromptLayout``). In ``hints-first``
+and ``paper`` the system message becomes the user's own (or ``DEFAULT_SYSTEM_PROMPT``) followed by
+``HINT_GUIDANCE``, a fixed text telling the model how to treat hints (judge their relevance, quality
+and helpfulness; ignore unrelated ones; follow good format; use helpful information), and the last
+user turn is rewritten:
 
 * ``hints-first`` (the default): ``HINTS_HEADER``; each example framed as a *hint*, "a solved similar
   request"; ``HINTS_REMINDER`` (they guide, not dictate); ``REQUEST_HEADER`` and the instruction,
   once, last.
 * ``paper``: the paper's order: the instruction; ``HINTS_HEADER``; the hints; ``HINTS_REMINDER``;
   ``REQUEST_AGAIN`` and the instruction repeated.
-* ``system``: the hints go in the system message (``SYSTEM_HINTS_HEADER``, the hints,
-  ``SYSTEM_HINTS_REMINDER``) and the user's turns stay exactly as sent.
+* ``system``: the system message becomes the user's own (or the default) followed by
+  ``SYSTEM_HINTS_HEADER`` and the hints, with no guidance text; the user's turns stay exactly as sent.
 
 Why hints-first is the default: with the paper's order, Qwen2.5-Coder-0.5B stopped reasoning on
 GSM8K and answered with one line copied from a hint ("The answer is 16" for 5 of 5 different

@@ -8,8 +8,9 @@ Two periodic queries select one tier's recent responses: the replay agent's idle
 (``tier_busy_seconds``: the tier's responses finished in the last ``replay.load_window_s``, every
 ``replay.interval_s``) and the route workers' cost refresh (``generation_timings``: the tier's newest
 500 answers, every ``bandit.cost_refresh_interval_s``). The only index on ``responses`` led with
-``tenant``, so both scanned the whole table, a cost that grew with the history: under sustained load
-the all-in-one worker's latency crept up with it (docs/benchmarks.md, "Sustained load").
+``tenant``, so both scanned the whole table, a cost that grows with the history. (Found while looking
+for the all-in-one worker's latency creep under sustained load; at 12,000 rows it was not that creep's
+cause, see docs/benchmarks.md, "Sustained load", but at production history sizes it would be.)
 """
 
 from __future__ import annotations
