@@ -10,6 +10,9 @@ re-run gives the same table on the same build.
     python bench/probe_hint_layouts.py                  # every arm, 20 requests (~7 min on 2 cores)
     python bench/probe_hint_layouts.py --arms alone,system --requests 40
 
+``--hint-source large`` uses the large tier's own answer to the original problem as the hint instead
+(what the cache holds in ``echolm eval``), generated once per problem.
+
 Arm ``hints-first-plain`` is the default layout with ``HINT_GUIDANCE`` replaced by one sentence: it
 separates the effect of the guidance text from the effect of where the hint sits.
 """
@@ -71,6 +74,18 @@ async def run(args: argparse.Namespace) -> None:
     tier = next(t for t in settings.tiers if t.name == args.tier)
     generator = make_generator(tier, settings)
     params = GenerationParams(max_tokens=GSM8K_MAX_TOKENS)
+    hints = {group: published_solution(solutions[group]) for group in {item.group for item in requests}}
+    if args.hint_source == "large":
+        large = make_generator(settings.largest_tier, settings)
+        try:
+            for group in sorted(hints):
+                answer = await large.generate([ChatMessage(role="user", content=cached[group].prompt)], params,
+                                              request_id=f"hint-{group}")
+                hints[group] = answer.text
+            right = sum(numeric_answer_match(hints[g], solutions[g]).passed for g in hints)
+            print(f"large tier's answers as hints: {right}/{len(hints)} problems right", flush=True)
+        finally:
+            await large.aclose()
     print(f"{len(requests)} requests of the {args.traffic}-request traffic whose problem is cached; "
           f"tier {tier.name} ({tier.model})", flush=True)
     table = []
@@ -80,7 +95,7 @@ async def run(args: argparse.Namespace) -> None:
             started = time.monotonic()
             for item in requests:
                 hint = Example(id=1, tenant="probe", prompt=cached[item.group].prompt,
-                               response=published_solution(solutions[item.group]), model="published", tier="large")
+                               response=hints[item.group], model=args.hint_source, tier="large")
                 result = await generator.generate(arm_messages(arm, item.prompt, hint), params, request_id=item.id)
                 right += numeric_answer_match(result.text, item.reference).passed
                 bare += result.completion_tokens <= 12  # "The answer is N." and nothing else
@@ -101,6 +116,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="distinct requests to ask (default 20)")
     parser.add_argument("--traffic", type=int, default=40, help="traffic size of the workload (as echolm eval)")
     parser.add_argument("--tier", default="small")
+    parser.add_argument("--hint-source", choices=["published", "large"], default="published",
+                        help="the hint: GSM8K's published solution, or the large tier's answer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
