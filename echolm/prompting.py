@@ -28,7 +28,9 @@ answered with a bare final line ("The answer is 108.") with ``hints-first`` (38 
 with the request's numbers and solved 16 of 40 (``bench/probe_hint_layouts.py``, session 4). The
 position is not what matters: ``hints-first`` with ``HINT_GUIDANCE`` replaced by one neutral sentence
 solved 15 of 40. The guidance text ("follow the format of good solutions") is what turns the small
-model to the final line; ``system`` carries none. Neither is the default yet: ``echolm eval`` has not
+model to the final line when the hint is terse; ``system`` carries none. With the large tier's own,
+longer answers as hints the failure mostly disappears (system 12, hints-first 9, alone 5 of 40).
+Neither is the default yet: ``echolm eval`` has not
 measured them on every workload (the guidance is the paper's and was in place for the MBPP results).
 
 Examples are never earlier chat turns: as fake turns, the small
