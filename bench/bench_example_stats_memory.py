@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
 
-from bench.bench_load import echo_tiers, rss_bytes, scrape_workers  # noqa: E402
+from bench.bench_load import echo_tiers, rss_bytes, scrape_workers, slope  # noqa: E402
 from echolm.settings import ReplaySettings, Settings, TopicSettings  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.kafka_io import create_topics  # noqa: E402
@@ -114,12 +114,7 @@ async def consumed(port: int) -> float:
 
 
 def slope_bytes_per_response(rows: list[dict[str, float]]) -> float:
-    half = rows[len(rows) // 2:]
-    if len(half) < 2:
-        return float("nan")
-    x = np.array([r["responses"] for r in half])
-    y = np.array([r["rss_mib"] * 2**20 for r in half])
-    return float(np.polyfit(x, y, 1)[0])
+    return slope([(r["responses"], r["rss_mib"] * 2**20) for r in rows[len(rows) // 2:]])
 
 
 def main() -> None:

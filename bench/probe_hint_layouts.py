@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from echolm import prompting  # noqa: E402
-from echolm.datasets import load_gsm8k_docs  # noqa: E402
+from echolm.datasets import gsm8k_solution_text, load_gsm8k_docs  # noqa: E402
 from echolm.domain import ChatMessage, Example, GenerationParams, RetrievedExample  # noqa: E402
 from echolm.evaluation.evaluate import eval_settings  # noqa: E402
 from echolm.evaluation.workload import GSM8K_MAX_TOKENS, gsm8k_numbers_workload  # noqa: E402
@@ -40,12 +39,6 @@ from echolm.settings import Settings  # noqa: E402
 
 ARMS = ("alone", "hints-first", "paper", "system", "hints-first-plain")
 PLAIN_GUIDANCE = "Hints are for reference only."
-
-
-def published_solution(answer: str) -> str:
-    """GSM8K's worked solution as a cached answer would read: no <<a*b=c>> annotations, a final line."""
-    text = re.sub(r"<<[^>]*>>", "", answer.strip())
-    return re.sub(r"####\s*(.*)$", r"The answer is \1.", text)
 
 
 def arm_messages(arm: str, prompt: str, hint: Example) -> list[ChatMessage]:
@@ -74,7 +67,7 @@ async def run(args: argparse.Namespace) -> None:
     tier = next(t for t in settings.tiers if t.name == args.tier)
     generator = make_generator(tier, settings)
     params = GenerationParams(max_tokens=GSM8K_MAX_TOKENS)
-    hints = {group: published_solution(solutions[group]) for group in {item.group for item in requests}}
+    hints = {group: gsm8k_solution_text(solutions[group]) for group in {item.group for item in requests}}
     if args.hint_source == "large":
         large = make_generator(settings.largest_tier, settings)
         try:
