@@ -108,11 +108,14 @@ class Scrape:
 
     cache_size: float | None = None
     consumed: dict[str, float] = field(default_factory=dict)  # stage -> events consumed, all workers
+    # worker -> cumulative seconds: "loop lag" (summed lateness of the loop-lag probe), "loop probes"
+    # (how many probes), and one entry per timer (time spent in its runs)
+    loop: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def scrape_workers(ports: dict[str, int], cache_port: int | None) -> Scrape:
     scrape = Scrape()
-    for port in ports.values():
+    for name, port in ports.items():
         try:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
         except httpx.HTTPError:
@@ -124,6 +127,12 @@ def scrape_workers(ports: dict[str, int], cache_port: int | None) -> Scrape:
                     scrape.consumed[stage] = scrape.consumed.get(stage, 0.0) + sample.value
                 elif sample.name == "echolm_example_cache_size" and port == cache_port:
                     scrape.cache_size = sample.value
+                elif sample.name == "echolm_event_loop_lag_seconds_sum":
+                    scrape.loop.setdefault(name, {})["loop lag"] = sample.value
+                elif sample.name == "echolm_event_loop_lag_seconds_count":
+                    scrape.loop.setdefault(name, {})["loop probes"] = sample.value
+                elif sample.name == "echolm_timer_seconds_sum":
+                    scrape.loop.setdefault(name, {})[sample.labels["timer"]] = sample.value
     return scrape
 
 
@@ -179,6 +188,7 @@ class Sample:
     cache_size: float | None
     backlog: dict[str, int]
     window_latencies: list[float] = field(default_factory=list, repr=False)
+    loop: dict[str, dict[str, float]] = field(default_factory=dict)  # Scrape.loop at this sample
 
     @property
     def lag(self) -> int:
@@ -318,7 +328,8 @@ async def drive(settings: Settings, tenant: str, args: argparse.Namespace, cache
                 scrape = await asyncio.to_thread(scrape_workers, ports, cache_port)
                 consumed = {stage: value - consumed_before.get(stage, 0.0) for stage, value in scrape.consumed.items()}
                 run.samples.append(Sample(time.monotonic() - run.started, sent, answered, rss, scrape.cache_size,
-                                          stage_backlog(consumed, sent, answered), list(answered_window)))
+                                          stage_backlog(consumed, sent, answered), list(answered_window),
+                                          scrape.loop))
                 answered_window.clear()
                 last = run.samples[-1]
                 waiting = " ".join(f"{stage}={n}" for stage, n in last.backlog.items())
@@ -390,6 +401,7 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
             "flat": None if name.startswith("broker") else abs(per_request) < args.flat_threshold,
         }
     cache = [s.cache_size for s in run.samples if s.cache_size is not None]
+    quarters = [[s for s in in_run if q * send_s / 4 <= s.t < (q + 1) * send_s / 4] for q in range(4)]
     return {
         "rate_target": args.rate, "duration_s": args.duration, "topology": args.topology,
         "batch_window_s": args.batch_window, "embedder_dtype": args.embedder_dtype,
@@ -403,6 +415,11 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         "latency_max_s": round(max(latencies), 4) if latencies else None,
         # Time inside each stage per request; the rest of the latency is Kafka hops and batching.
         "stage_mean_ms": {k: round(1000 * statistics.fmean(v), 1) for k, v in run.stage_seconds.items()},
+        # Per quarter of the run: does latency drift, and does the workers' event loop (or one of their
+        # periodic tasks) take more of the time as the history grows?
+        "latency_p50_by_quarter_s": [round(statistics.median(x), 4) if x else None for x in
+                                     ([v for s in q for v in s.window_latencies] for q in quarters)],
+        "loop_by_quarter": loop_by_quarter(quarters),
         "lag_max": max((s.lag for s in in_run), default=0),
         "lag_mean": round(statistics.fmean(s.lag for s in in_run), 1) if in_run else None,
         # Per stage: events waiting in front of it, at most and when sending ended.
@@ -419,15 +436,48 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         "timeline": [{"t": round(s.t, 1), "sent": s.sent, "answered": s.answered, "lag": s.lag,
                       "cache_size": s.cache_size, "rss": s.rss, "backlog": s.backlog,
                       "p50_s": round(percentile(s.window_latencies, 0.5), 4) if s.window_latencies else None,
-                      "p99_s": round(percentile(s.window_latencies, 0.99), 4) if s.window_latencies else None}
-                     for s in run.samples],
+                      "p99_s": round(percentile(s.window_latencies, 0.99), 4) if s.window_latencies else None,
+                      "loop_lag_ms": {name: round(lag, 3) for name, lag in window_loop_lag_ms(a, s).items()}}
+                     for a, s in zip([None, *run.samples], run.samples)],
     }
+
+
+def window_loop_lag_ms(before: Sample | None, after: Sample) -> dict[str, float]:
+    """Mean lateness of each worker's event loop between two samples, in ms."""
+    out = {}
+    for name, now in after.loop.items():
+        then = before.loop.get(name, {}) if before else {}
+        probes = now.get("loop probes", 0.0) - then.get("loop probes", 0.0)
+        if probes > 0:
+            out[name] = 1000 * (now.get("loop lag", 0.0) - then.get("loop lag", 0.0)) / probes
+    return out
+
+
+def loop_by_quarter(quarters: list[list[Sample]]) -> dict[str, dict[str, list[float | None]]]:
+    """worker -> {"loop lag ms": per quarter, <timer> "ms/s": per quarter (its runs' share of the time)}."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for index, quarter in enumerate(quarters):
+        if len(quarter) < 2:
+            continue
+        first, last = quarter[0], quarter[-1]
+        seconds = last.t - first.t
+        for name, lag_ms in window_loop_lag_ms(first, last).items():
+            out.setdefault(name, {}).setdefault("loop lag ms", [None] * 4)[index] = round(lag_ms, 3)
+        for name, now in last.loop.items():
+            then = first.loop.get(name, {})
+            for key, value in now.items():
+                if key in ("loop lag", "loop probes"):
+                    continue
+                share = 1000 * (value - then.get(key, 0.0)) / seconds
+                out.setdefault(name, {}).setdefault(f"{key} ms/s", [None] * 4)[index] = round(share, 2)
+    return out
 
 
 def print_report(result: dict) -> None:
     print(f"\nsustained load ({result['topology']} topology, echo generator, latency {result['latency_setting_s']}s)")
     for key in ("rate_target", "duration_s", "batch_window_s", "embedder_dtype", "sent", "answered", "errors", "unanswered", "duplicates_seen",
-                "achieved_send_rate", "achieved_answer_rate", "latency_p50_s", "latency_p99_s", "latency_max_s", "stage_mean_ms",
+                "achieved_send_rate", "achieved_answer_rate", "latency_p50_s", "latency_p99_s", "latency_max_s",
+                "latency_p50_by_quarter_s", "stage_mean_ms",
                 "lag_max", "lag_mean", "stage_backlog_max", "stage_backlog_end", "by_tier", "example_cache_first_last", "topic_records", "topic_mib",
                 "topic_bytes_per_request"):
         print(f"  {key:<26} {result[key]}")
@@ -437,6 +487,10 @@ def print_report(result: dict) -> None:
         print(f"  {name:<16} {w['cpu_share_of_one_core']:>9} {w['peak_rss_mib']:>12} {half:>18} {w['slope_bytes_per_s']:>10} "
               f"{w['bytes_per_request']:>14}  {FLAT_WORDS[w['flat']]}")
     print(f"  (flat: |RSS slope over the second half| < {result['flat_threshold_bytes_per_request']} bytes per request)")
+    print("\n  event loop per quarter of the run (lateness of a 0.25 s sleep; ms per second spent in each timer)")
+    for name, rows in result["loop_by_quarter"].items():
+        for key, values in sorted(rows.items()):
+            print(f"  {name:<16} {key:<40} " + " ".join(f"{v:>8}" for v in values))
 
 
 FLAT_WORDS = {True: "yes", False: "NO", None: "n/a (in-memory topics)"}
@@ -461,7 +515,13 @@ def plot(result: dict, path: Path) -> None:
     axes[1].plot(t, [p["p50_s"] for p in timeline], label="p50")
     axes[1].plot(t, [p["p99_s"] for p in timeline], label="p99")
     axes[1].set_ylabel("latency (s), per window")
-    axes[1].legend(loc="upper right")
+    axes[1].legend(loc="upper left")
+    lag_axis = axes[1].twinx()  # a loop kept busy shows here before it shows in the latency
+    for name in {n for p in timeline for n in p.get("loop_lag_ms", {})}:
+        lag_axis.plot(t, [p.get("loop_lag_ms", {}).get(name) for p in timeline], linestyle="--", alpha=0.6,
+                      label=f"{name}: event loop lateness")
+    lag_axis.set_ylabel("event loop lateness (ms)")
+    lag_axis.legend(loc="upper right", fontsize=7)
     axes[2].plot(t, [p["lag"] for p in timeline], color="black", label="client: sent - answered")
     for stage in timeline[-1]["backlog"] if timeline else {}:
         axes[2].plot(t, [p["backlog"].get(stage, 0) for p in timeline], label=f"waiting for {stage}", alpha=0.8)

@@ -11,7 +11,9 @@ commit past an unfinished event (faust issue #606). Parallelism comes from batch
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,6 +154,10 @@ def create_app(settings: Settings, plan: WorkerPlan, services: Services | None =
         wire_load_reports(wiring)
 
     @app.task
+    async def watch_event_loop_lag() -> None:
+        await event_loop_lag_monitor()
+
+    @app.task
     async def warm_up() -> None:
         # Load models before traffic arrives, so the first batch does not time out the group.
         await wiring.warm_up(plan)
@@ -161,6 +167,32 @@ def create_app(settings: Settings, plan: WorkerPlan, services: Services | None =
         log.info("worker %s: partitions assigned", plan.name)
 
     return app
+
+
+TimerBody = Callable[[], Awaitable[None]]
+LOOP_LAG_PROBE_S = 0.25
+
+
+def timed(body: TimerBody) -> TimerBody:
+    """``body`` with each run's duration observed in ``echolm_timer_seconds{timer=<its name>}``."""
+    @functools.wraps(body)
+    async def run() -> None:
+        started = time.perf_counter()
+        try:
+            await body()
+        finally:
+            metrics.TIMER_SECONDS.labels(body.__name__).observe(time.perf_counter() - started)
+
+    return run
+
+
+async def event_loop_lag_monitor(interval_s: float = LOOP_LAG_PROBE_S) -> None:
+    """Records, forever, how much later than asked the loop wakes a sleep (``echolm_event_loop_lag_seconds``)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(interval_s)
+        metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - asked - interval_s))
 
 
 @dataclass
@@ -188,6 +220,15 @@ class _Wiring:
                 for tier in plan.tiers:
                     await self.services.generator(tier)
         log.info("worker %s ready: stages %s", plan.name, ", ".join(plan.stages))
+
+    def timer(self, interval_s: float, *, on_leader: bool = False) -> Callable[[TimerBody], TimerBody]:
+        """``app.timer`` that times every run into ``echolm_timer_seconds{timer=<function name>}``:
+        in a worker running many stages, a periodic task's database work delays the request path's
+        batches on the same event loop, and this is where that shows."""
+        def register(body: TimerBody) -> TimerBody:
+            return self.app.timer(interval_s, on_leader=on_leader)(timed(body))  # type: ignore[no-any-return]
+
+        return register
 
     def agent(self, topic_name: str, stage_name: str,
               decode: Callable[[str | None, bytes], Any],
@@ -294,7 +335,7 @@ class _Wiring:
         self._agent(self.settings.topics.embedded, "retrieve",
                     lambda key, raw: self.decoder.in_flight(key, raw, "retrieve"), handle)
 
-        @self.app.timer(self.settings.cache_sync_interval_s)
+        @self.timer(self.settings.cache_sync_interval_s)
         async def sync_example_cache() -> None:
             cache = await self.services.example_cache()
             try:

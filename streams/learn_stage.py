@@ -83,7 +83,7 @@ def wire(w: _Wiring) -> None:
     # The first selector refit waits one interval: `echolm selector fit` exists for an immediate one.
     learner.next_selector_fit = time.monotonic() + w.settings.learning.selector_refit_interval_s
 
-    @w.app.timer(w.settings.learning.online_interval_s, on_leader=True)
+    @w.timer(w.settings.learning.online_interval_s, on_leader=True)
     async def learn() -> None:
         embedder = await w.services.embedder()
         try:

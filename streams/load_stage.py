@@ -56,7 +56,7 @@ def wire_load_reports(w: Any) -> None:
     settings: Settings = w.settings
     worker = f"{socket.gethostname()}-{os.getpid()}"
 
-    @w.app.timer(settings.bandit.load_report_interval_s)
+    @w.timer(settings.bandit.load_report_interval_s)
     async def report_load() -> None:
         try:
             reports = await measure(w.app.consumer, settings, worker)

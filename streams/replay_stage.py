@@ -148,14 +148,14 @@ def wire_example_stats(w: _Wiring) -> None:
 
     w.agent(w.settings.topics.responses, "example-stats", decode, handle)
 
-    @w.app.timer(SETTLE_INTERVAL_S)
+    @w.timer(SETTLE_INTERVAL_S)
     async def settle_example_usages() -> None:
         try:
             await (await stage()).settle()
         except Exception:
             log.exception("settling example usages failed; will retry")
 
-    @w.app.timer(3600.0, on_leader=True)
+    @w.timer(3600.0, on_leader=True)
     async def prune_example_usage_markers() -> None:
         try:
             stats = (await stage())._stats  # noqa: SLF001
@@ -205,7 +205,7 @@ def wire_replay(w: _Wiring) -> None:
 
         return await lazy.get("service", build)
 
-    @w.app.timer(config.interval_s, on_leader=True)
+    @w.timer(config.interval_s, on_leader=True)
     async def replay_round() -> None:
         try:
             report = await (await service()).run_round()
@@ -228,7 +228,7 @@ def wire_evict(w: _Wiring) -> None:
         log.info("evict stage: no budget set (ECHOLM_EVICTION__MAX_BYTES / __MAX_EXAMPLES); nothing to do")
         return
 
-    @w.app.timer(settings.interval_s, on_leader=True)
+    @w.timer(settings.interval_s, on_leader=True)
     async def evict_over_budget() -> None:
         try:
             history = await _sql_history(w)

@@ -132,6 +132,15 @@ class WorkloadRun:
                                             self.models["large"])
         return self._examples
 
+    def with_cache_answers(self, responses: Sequence[str]) -> WorkloadRun:
+        """The same run with the example cache holding ``responses`` instead of the cache phase's answers
+        (the cache after a replay, say); its jobs, and so their generation-cache keys, follow."""
+        if len(responses) != len(self.workload.cache):
+            raise ValueError(f"{len(responses)} answers for a cache part of {len(self.workload.cache)}")
+        changed = replace(self)
+        changed._examples = cache_examples(self.workload.cache, list(responses), self.models["large"])
+        return changed
+
     def arm_for(self, item: TaskItem, arm_name: str) -> Arm:
         """The arm called ``arm_name`` for ``item`` (``small+nearest@n`` names a cache size)."""
         factory = self.arms

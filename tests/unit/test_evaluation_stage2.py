@@ -73,3 +73,18 @@ def test_missing_training_generations_are_reported_not_guessed(tmp_path: Path) -
     run = WorkloadRun.build(workload, Settings(), GenerationCache(tmp_path / "gen"), HashingEmbedder(64), k=1, seed=0)
     with pytest.raises(MissingGenerations):
         learned_selections(run, VerdictCache(tmp_path / "verdicts"), threshold=0.5, max_count=1)
+
+
+def test_a_run_with_replayed_cache_answers_prompts_with_them_and_keeps_the_original(tmp_path: Path) -> None:
+    run, _ = _run(tmp_path)
+    item = run.workload.unique_traffic[0]
+    arm = run.arm_for(item, "small+nearest")
+    replayed = run.with_cache_answers([f"replayed answer {i}" for i in range(len(run.workload.cache))])
+
+    new_job, old_job = replayed.job(item, arm), run.job(item, arm)
+    assert "replayed answer" in "".join(m.content for m in new_job.messages)
+    assert "replayed answer" not in "".join(m.content for m in old_job.messages)
+    assert new_job.key != old_job.key  # served again, not read from the old answers
+    assert [e.response for e in run.examples()] == ["cached answer"] * len(TOPICS)
+    with pytest.raises(ValueError, match="answers for a cache part"):
+        run.with_cache_answers(["too few"])
