@@ -6,7 +6,9 @@ One round (``ReplayService.run_round``):
 2. take the examples with the highest potential gain G(e) from the statistics and let
    ``policy.replay.ReplayPlanner`` choose (cut-off where a replay no longer pays; at most
    ``max_rounds`` = 5 replays per cache entry);
-3. for each chosen example: generate ``samples`` answers on the large tier, re-reading the load
+3. for each chosen example whose current answer the judge cannot rank below a new one (the task
+   verifier already passes it: ``ReplayJudge.unbeatable``), keep it without generating; otherwise
+   generate ``samples`` answers on the large tier, re-reading the load
    before every sample and before judging, and giving up on the example at once (writing nothing,
    counting no round) when the tier got busy;
 4. score the current answer and the samples with a ``ReplayJudge``; if the best sample beats the
@@ -85,6 +87,11 @@ class Scored:
 class ReplayJudge(Protocol):
     name: str
 
+    async def unbeatable(self, example: Example) -> Scored | None:
+        """The current answer's score when no sample could score higher (a verifier passes it), else None:
+        the replay then keeps it without spending the tier's time on samples."""
+        ...
+
     async def judge(self, example: Example, samples: Sequence[GenerationResult]) -> tuple[Scored, list[Scored]]:
         """(the current answer's score, each sample's score), on one scale."""
         ...
@@ -98,6 +105,9 @@ class PairwiseReplayJudge:
 
     def __init__(self, judge: Judge) -> None:
         self._judge = judge
+
+    async def unbeatable(self, example: Example) -> Scored | None:
+        return None  # a sample can always be preferred to the current answer
 
     async def judge(self, example: Example, samples: Sequence[GenerationResult]) -> tuple[Scored, list[Scored]]:
         scored = []
@@ -125,6 +135,13 @@ class VerifierReplayJudge:
     def reference_for(self, example: Example) -> TaskReference | None:
         return self._references.lookup(example.prompt)
 
+    async def unbeatable(self, example: Example) -> Scored | None:
+        reference = self.reference_for(example)
+        if reference is None:
+            return None
+        current = await self._score(example, reference, example.response)
+        return current if current.score >= 1.0 else None  # 1.0: the answer matches / every test passes
+
     async def _score(self, example: Example, reference: TaskReference, answer: str) -> Scored:
         try:
             verdict = await self._verifier.judge(JudgeTask(example.prompt, answer, reference=reference))
@@ -145,6 +162,9 @@ class CompletenessReplayJudge:
     """The fallback without judge or reference: the longest complete answer (module docstring)."""
 
     name = "heuristic"
+
+    async def unbeatable(self, example: Example) -> Scored | None:
+        return None
 
     async def judge(self, example: Example, samples: Sequence[GenerationResult]) -> tuple[Scored, list[Scored]]:
         def score(text: str, finished: bool) -> Scored:
@@ -294,6 +314,13 @@ class ReplayService:
         if not found:
             return self._outcome(candidate, "stale", detail="example no longer exists")
         example = found[0]
+        judge = self._judges(example)
+        settled = await judge.unbeatable(example)
+        if settled is not None:
+            await self._stats.mark_replayed(example.id, None, score=settled.score,
+                                            decay_per_hour=self.config.decay_per_hour)
+            return self._outcome(candidate, "kept", judge=judge.name, samples=0, score_before=settled.score,
+                                 detail="no sample can beat the current answer")
         samples: list[GenerationResult] = []
         errors: list[str] = []
         for index in range(self.config.samples):
@@ -314,7 +341,6 @@ class ReplayService:
         busy, load = await self._busy()
         if busy:
             return self._outcome(candidate, "yielded", samples=len(samples), detail=f"load {load:.2f} before judging")
-        judge = self._judges(example)
         current, scored = await judge.judge(example, samples)
         best_index, best = best_of(list(range(len(samples))), lambda i: scored[i].score)
         winner = samples[best_index]

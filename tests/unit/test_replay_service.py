@@ -251,6 +251,27 @@ async def test_verifier_judge_upgrades_a_wrong_answer_and_stores_its_quality() -
     assert new.response == "The answer is 42." and new.quality == 1.0
 
 
+async def test_an_answer_the_verifier_already_passes_is_kept_without_generating() -> None:
+    history, stats, [right_id, wrong_id] = await stores_with(("What is 6 times 7?", "The answer is 42."),
+                                                             ("What is 5 times 5?", "The answer is 24."))
+    await use(stats, right_id, 5, quality=0.0)  # its uses went wrong for other reasons: highest gain
+    await use(stats, wrong_id, 3, quality=0.0)
+    verifier = VerifierReplayJudge(ReferenceBook({"What is 6 times 7?": TaskReference("numeric", "42"),
+                                                  "What is 5 times 5?": TaskReference("numeric", "25")}))
+    generator = ScriptedGenerator(["The answer is 25."])
+    replay = ReplayService(history, stats, generator, select_judge("auto", llm=None, verifier=verifier),
+                           ReplayPlanner(samples_per_replay=2), Load(0.0), ReplayConfig(tier="large", samples=2))
+
+    first, second = (await replay.run_round()).outcomes
+
+    assert (first.example_id, first.status, first.samples, first.score_before) == (right_id, "kept", 0, 1.0)
+    assert first.score_after == 1.0 and first.score_best is None
+    assert generator.prompts == ["What is 5 times 5?"] * 2  # only the wrong entry cost samples
+    assert (second.example_id, second.status) == (wrong_id, "upgraded")
+    [kept] = [s for s in await stats.gain_candidates(10) if s.example_id == right_id] or [None]
+    assert kept is None or kept.replay_rounds == 1  # counted as a round: not planned again at once
+
+
 async def test_pairwise_judge_compares_each_sample_with_the_current_answer() -> None:
     asked: list[str] = []
 
