@@ -194,6 +194,8 @@ def main() -> None:
         "traffic_using_replaced_entries": sum(
             any(versions[i] > 1 for i in run.arms.nearest(item.id).examples) for item in workload.traffic),
         "small_nearest_before": before, "small_nearest_after": after,
+        "replaced": {str(i): {"prompt": workload.cache[i].prompt, "answer": answers[i], "right": after_cache[i]}
+                     for i, v in enumerate(versions) if v > 1},
         "replay_seconds": round(replay_s, 1), "reserve_generations": regenerated, "reserve_seconds": round(serve_s, 1),
         "replay_summary": summary,
     }
