@@ -188,6 +188,9 @@ class Sample:
     cache_size: float | None
     backlog: dict[str, int]
     window_latencies: list[float] = field(default_factory=list, repr=False)
+    # the same requests' time up to the generate stage's answer (wall clocks of one machine), the rest
+    # being the responses topic hop and this client
+    window_to_answer: list[float] = field(default_factory=list, repr=False)
     loop: dict[str, dict[str, float]] = field(default_factory=dict)  # Scrape.loop at this sample
 
     @property
@@ -282,6 +285,7 @@ async def drive(settings: Settings, tenant: str, args: argparse.Namespace, cache
     prefix = uuid.uuid4().hex[:6]
     total = int(args.rate * args.duration)
     answered_window: list[float] = []
+    to_answer_window: list[float] = []
     await create_topics(settings)
     async with ResponseCollector(settings) as collector, RequestProducer(settings) as producer:
 
@@ -329,8 +333,9 @@ async def drive(settings: Settings, tenant: str, args: argparse.Namespace, cache
                 consumed = {stage: value - consumed_before.get(stage, 0.0) for stage, value in scrape.consumed.items()}
                 run.samples.append(Sample(time.monotonic() - run.started, sent, answered, rss, scrape.cache_size,
                                           stage_backlog(consumed, sent, answered), list(answered_window),
-                                          scrape.loop))
+                                          list(to_answer_window), scrape.loop))
                 answered_window.clear()
+                to_answer_window.clear()
                 last = run.samples[-1]
                 waiting = " ".join(f"{stage}={n}" for stage, n in last.backlog.items())
                 print(f"  t={last.t:6.1f}s sent={last.sent:6d} answered={last.answered:6d} lag={last.lag:5d} "
@@ -357,6 +362,7 @@ async def drive(settings: Settings, tenant: str, args: argparse.Namespace, cache
                         for stage, seconds in response.timings.items():
                             run.stage_seconds.setdefault(stage, []).append(seconds)
                         answered_window.append(latency)
+                        to_answer_window.append(response.finished_at - response.submitted_at)
                         run.tiers[response.tier or "?"] = run.tiers.get(response.tier or "?", 0) + 1
                 if sender.done():
                     sender.result()  # a failed producer ends the run with its error
@@ -419,6 +425,8 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         # periodic tasks) take more of the time as the history grows?
         "latency_p50_by_quarter_s": [round(statistics.median(x), 4) if x else None for x in
                                      ([v for s in q for v in s.window_latencies] for q in quarters)],
+        "to_answer_p50_by_quarter_s": [round(statistics.median(x), 4) if x else None for x in
+                                       ([v for s in q for v in s.window_to_answer] for q in quarters)],
         "loop_by_quarter": loop_by_quarter(quarters),
         "lag_max": max((s.lag for s in in_run), default=0),
         "lag_mean": round(statistics.fmean(s.lag for s in in_run), 1) if in_run else None,
@@ -477,7 +485,7 @@ def print_report(result: dict) -> None:
     print(f"\nsustained load ({result['topology']} topology, echo generator, latency {result['latency_setting_s']}s)")
     for key in ("rate_target", "duration_s", "batch_window_s", "embedder_dtype", "sent", "answered", "errors", "unanswered", "duplicates_seen",
                 "achieved_send_rate", "achieved_answer_rate", "latency_p50_s", "latency_p99_s", "latency_max_s",
-                "latency_p50_by_quarter_s", "stage_mean_ms",
+                "latency_p50_by_quarter_s", "to_answer_p50_by_quarter_s", "stage_mean_ms",
                 "lag_max", "lag_mean", "stage_backlog_max", "stage_backlog_end", "by_tier", "example_cache_first_last", "topic_records", "topic_mib",
                 "topic_bytes_per_request"):
         print(f"  {key:<26} {result[key]}")
