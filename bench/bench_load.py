@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +212,8 @@ class Run:
     started: float = 0.0
     sending_done: float = 0.0
     cpu_start: dict[str, float] = field(default_factory=dict)
+    restarted_at: float | None = None  # --restart-at: when the workers were restarted
+    restarted: dict[str, int] = field(default_factory=dict)  # their new pids
     cpu_end: dict[str, float] = field(default_factory=dict)
     topic_records: int = 0
     topic_bytes: int = 0
@@ -278,7 +281,8 @@ def next_prompt(i: int, cached: list[str], uncached: list[str], fresh_share: flo
 
 
 async def drive(settings: Settings, tenant: str, args: argparse.Namespace, cached: list[str], uncached: list[str],
-                processes: dict[str, int], ports: dict[str, int], cache_port: int | None) -> Run:
+                processes: dict[str, int], ports: dict[str, int], cache_port: int | None,
+                restart: Callable[[], dict[str, int]] | None = None) -> Run:
     run = Run()
     rng = random.Random(args.seed)
     fresh_cursor = [0]
@@ -327,6 +331,12 @@ async def drive(settings: Settings, tenant: str, args: argparse.Namespace, cache
         async def sample() -> None:
             while True:
                 await asyncio.sleep(args.sample_every)
+                if restart is not None and run.restarted_at is None and time.monotonic() - run.started >= args.restart_at:
+                    run.restarted_at = time.monotonic() - run.started
+                    print(f"  restarting the workers at t={run.restarted_at:.1f}s (the broker and history stay)", flush=True)
+                    restarted = await asyncio.to_thread(restart)
+                    processes.update(restarted)
+                    run.restarted.update(restarted)
                 rss = {name: rss_bytes(pid)[0] for name, pid in processes.items()}
                 sent, answered = len(run.sent_at), len(run.latencies) + len(run.errors)
                 scrape = await asyncio.to_thread(scrape_workers, ports, cache_port)
@@ -394,9 +404,10 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         points = [(s.t, float(s.rss[name])) for s in second_half if s.rss.get(name)]
         per_second = slope(points)
         per_request = per_second / args.rate
-        cpu = run.cpu_end.get(name, 0.0) - run.cpu_start.get(name, 0.0)
+        # a restarted worker's CPU clock started again: no share for it
+        cpu = None if name in run.restarted else run.cpu_end.get(name, 0.0) - run.cpu_start.get(name, 0.0)
         workers[name] = {
-            "cpu_share_of_one_core": round(cpu / send_s, 3) if send_s else None,
+            "cpu_share_of_one_core": round(cpu / send_s, 3) if send_s and cpu is not None else None,
             "peak_rss_mib": round(peaks[name] / 2**20, 1),
             "rss_first_mib": round(in_run[0].rss.get(name, 0) / 2**20, 1) if in_run else None,
             "rss_start_of_second_half_mib": round(points[0][1] / 2**20, 1) if points else None,
@@ -425,6 +436,7 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         # periodic tasks) take more of the time as the history grows?
         "latency_p50_by_quarter_s": [round(statistics.median(x), 4) if x else None for x in
                                      ([v for s in q for v in s.window_latencies] for q in quarters)],
+        "restarted_at_s": round(run.restarted_at, 1) if run.restarted_at is not None else None,
         "to_answer_p50_by_quarter_s": [round(statistics.median(x), 4) if x else None for x in
                                        ([v for s in q for v in s.window_to_answer] for q in quarters)],
         "loop_by_quarter": loop_by_quarter(quarters),
@@ -456,7 +468,7 @@ def window_loop_lag_ms(before: Sample | None, after: Sample) -> dict[str, float]
     for name, now in after.loop.items():
         then = before.loop.get(name, {}) if before else {}
         probes = now.get("loop probes", 0.0) - then.get("loop probes", 0.0)
-        if probes > 0:
+        if probes > 0 and now.get("loop lag", 0.0) >= then.get("loop lag", 0.0):  # not across a restart
             out[name] = 1000 * (now.get("loop lag", 0.0) - then.get("loop lag", 0.0)) / probes
     return out
 
@@ -476,6 +488,8 @@ def loop_by_quarter(quarters: list[list[Sample]]) -> dict[str, dict[str, list[fl
             for key, value in now.items():
                 if key in ("loop lag", "loop probes"):
                     continue
+                if value < then.get(key, 0.0):
+                    continue  # the worker restarted in this quarter: its counters started again
                 share = 1000 * (value - then.get(key, 0.0)) / seconds
                 out.setdefault(name, {}).setdefault(f"{key} ms/s", [None] * 4)[index] = round(share, 2)
     return out
@@ -485,14 +499,14 @@ def print_report(result: dict) -> None:
     print(f"\nsustained load ({result['topology']} topology, echo generator, latency {result['latency_setting_s']}s)")
     for key in ("rate_target", "duration_s", "batch_window_s", "embedder_dtype", "sent", "answered", "errors", "unanswered", "duplicates_seen",
                 "achieved_send_rate", "achieved_answer_rate", "latency_p50_s", "latency_p99_s", "latency_max_s",
-                "latency_p50_by_quarter_s", "to_answer_p50_by_quarter_s", "stage_mean_ms",
+                "latency_p50_by_quarter_s", "to_answer_p50_by_quarter_s", "restarted_at_s", "stage_mean_ms",
                 "lag_max", "lag_mean", "stage_backlog_max", "stage_backlog_end", "by_tier", "example_cache_first_last", "topic_records", "topic_mib",
                 "topic_bytes_per_request"):
         print(f"  {key:<26} {result[key]}")
     print(f"\n  {'process':<16} {'CPU cores':>9} {'peak RSS MiB':>12} {'RSS 2nd half MiB':>18} {'bytes/s':>10} {'bytes/request':>14}  flat")
     for name, w in result["workers"].items():
         half = f"{w['rss_start_of_second_half_mib']} -> {w['rss_end_mib']}"
-        print(f"  {name:<16} {w['cpu_share_of_one_core']:>9} {w['peak_rss_mib']:>12} {half:>18} {w['slope_bytes_per_s']:>10} "
+        print(f"  {name:<16} {str(w['cpu_share_of_one_core']):>9} {w['peak_rss_mib']:>12} {half:>18} {w['slope_bytes_per_s']:>10} "
               f"{w['bytes_per_request']:>14}  {FLAT_WORDS[w['flat']]}")
     print(f"  (flat: |RSS slope over the second half| < {result['flat_threshold_bytes_per_request']} bytes per request)")
     print("\n  event loop per quarter of the run (lateness of a 0.25 s sleep; ms per second spent in each timer)")
@@ -572,6 +586,9 @@ def main() -> None:
     parser.add_argument("--batch-window", type=float,
                         help="seconds a stage waits to fill a batch (ECHOLM_STAGE_BATCH_WINDOW_S; default: the setting's)")
     parser.add_argument("--database-url", help="history database (default: SQLite in a temporary directory)")
+    parser.add_argument("--restart-at", type=float,
+                        help="restart every worker this many seconds into the run (SIGTERM, then a new process; the "
+                             "broker and the history stay): tells state kept in a worker from state in the broker")
     parser.add_argument("--sample-every", type=float, default=3.0, help="seconds between lag/RSS samples")
     parser.add_argument("--flat-threshold", type=float, default=256.0,
                         help="'memory flat' if the RSS slope of the second half is below this many bytes/request")
@@ -612,7 +629,15 @@ def main() -> None:
         processes["broker (tansu)"] = broker.pid or 0
         cache_port = ports.get("retrieve", ports.get("all"))
         try:
-            run = asyncio.run(drive(settings, tenant, args, cached, uncached, processes, ports, cache_port))
+            def restart() -> dict[str, int]:
+                for worker in workers.values():
+                    worker.stop()
+                for worker in workers.values():
+                    worker.start()
+                return {name: w.process.pid for name, w in workers.items() if w.process}
+
+            run = asyncio.run(drive(settings, tenant, args, cached, uncached, processes, ports, cache_port,
+                                    restart if args.restart_at is not None else None))
             peaks = {name: rss_bytes(pid)[1] for name, pid in processes.items()}
             dead = [name for name, w in workers.items() if not w.alive]
         finally:

@@ -86,7 +86,7 @@ def pareto_plot(systems: dict[str, list[SystemPoint]], path: Path, *, title: str
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(fig)
     return path
 
