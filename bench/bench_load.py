@@ -512,7 +512,7 @@ def print_report(result: dict) -> None:
     print("\n  event loop per quarter of the run (lateness of a 0.25 s sleep; ms per second spent in each timer)")
     for name, rows in result["loop_by_quarter"].items():
         for key, values in sorted(rows.items()):
-            print(f"  {name:<16} {key:<40} " + " ".join(f"{v:>8}" for v in values))
+            print(f"  {name:<16} {key:<40} " + " ".join(f"{str(v):>8}" for v in values))
 
 
 FLAT_WORDS = {True: "yes", False: "NO", None: "n/a (in-memory topics)"}
