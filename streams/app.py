@@ -222,9 +222,9 @@ class _Wiring:
         log.info("worker %s ready: stages %s", plan.name, ", ".join(plan.stages))
 
     def timer(self, interval_s: float, *, on_leader: bool = False) -> Callable[[TimerBody], TimerBody]:
-        """``app.timer`` that times every run into ``echolm_timer_seconds{timer=<function name>}``:
-        in a worker running many stages, a periodic task's database work delays the request path's
-        batches on the same event loop, and this is where that shows."""
+        """``app.timer`` that times every run into ``echolm_timer_seconds{timer=<function name>}`` (waits
+        included): beside ``echolm_event_loop_lag_seconds`` it tells a periodic task that holds up the
+        loop the request path shares from one that only waits on its database or broker."""
         def register(body: TimerBody) -> TimerBody:
             return self.app.timer(interval_s, on_leader=on_leader)(timed(body))  # type: ignore[no-any-return]
 
