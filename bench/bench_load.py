@@ -434,11 +434,9 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         "stage_mean_ms": {k: round(1000 * statistics.fmean(v), 1) for k, v in run.stage_seconds.items()},
         # Per quarter of the run: does latency drift, and does the workers' event loop (or one of their
         # periodic tasks) take more of the time as the history grows?
-        "latency_p50_by_quarter_s": [round(statistics.median(x), 4) if x else None for x in
-                                     ([v for s in q for v in s.window_latencies] for q in quarters)],
+        "latency_p50_by_quarter_s": quarter_medians(quarters, lambda s: s.window_latencies),
         "restarted_at_s": round(run.restarted_at, 1) if run.restarted_at is not None else None,
-        "to_answer_p50_by_quarter_s": [round(statistics.median(x), 4) if x else None for x in
-                                       ([v for s in q for v in s.window_to_answer] for q in quarters)],
+        "to_answer_p50_by_quarter_s": quarter_medians(quarters, lambda s: s.window_to_answer),
         "loop_by_quarter": loop_by_quarter(quarters),
         "lag_max": max((s.lag for s in in_run), default=0),
         "lag_mean": round(statistics.fmean(s.lag for s in in_run), 1) if in_run else None,
@@ -460,6 +458,12 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
                       "loop_lag_ms": {name: round(lag, 3) for name, lag in window_loop_lag_ms(a, s).items()}}
                      for a, s in zip([None, *run.samples], run.samples)],
     }
+
+
+def quarter_medians(quarters: list[list[Sample]], values: Callable[[Sample], list[float]]) -> list[float | None]:
+    """The median of ``values`` over each quarter's samples (None for a quarter without any)."""
+    pooled = [[v for s in quarter for v in values(s)] for quarter in quarters]
+    return [round(statistics.median(x), 4) if x else None for x in pooled]
 
 
 def window_loop_lag_ms(before: Sample | None, after: Sample) -> dict[str, float]:

@@ -68,7 +68,8 @@ def write_references(run: WorkloadRun, path: Path) -> None:
         raise SystemExit(f"{run.workload.name} has no task verifier; replay would need an LLM judge tier")
     lines = []
     for item in run.workload.cache:
-        reference = item.answer if kind == "numeric" else "\n".join(item.tests)
+        # numeric: the answer; python: the tests one by one, so the verifier scores the share that pass
+        reference = item.answer if kind == "numeric" else list(item.tests)
         lines.append(json.dumps({"prompt": item.prompt, "reference": reference, "kind": kind}))
     path.write_text("\n".join(lines) + "\n")
 

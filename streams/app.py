@@ -155,6 +155,7 @@ def create_app(settings: Settings, plan: WorkerPlan, services: Services | None =
 
     @app.task
     async def watch_event_loop_lag() -> None:
+        # Not app.task(event_loop_lag_monitor): faust passes the app to a task that takes an argument.
         await event_loop_lag_monitor()
 
     @app.task
