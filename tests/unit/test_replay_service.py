@@ -20,7 +20,14 @@ from echolm.history.example_stats_store import (
     fold_usages,
     no_feedback,
 )
-from echolm.judging.judge import LlmPairwiseJudge, ReferenceBook, TaskReference
+from echolm.judging.judge import (
+    Judgement,
+    JudgeTask,
+    LlmPairwiseJudge,
+    ReferenceBook,
+    TaskReference,
+    VerifierJudge,
+)
 from echolm.judging.pairwise import PairwiseJudge
 from echolm.policy.eviction import decayed_value
 from echolm.policy.replay import GainTracker, ReplayPlanner
@@ -270,6 +277,30 @@ async def test_an_answer_the_verifier_already_passes_is_kept_without_generating(
     assert (second.example_id, second.status) == (wrong_id, "upgraded")
     [kept] = [s for s in await stats.gain_candidates(10) if s.example_id == right_id] or [None]
     assert kept is None or kept.replay_rounds == 1  # counted as a round: not planned again at once
+
+
+async def test_the_verifier_scores_the_current_answer_once_per_replay() -> None:
+    class CountingVerifier(VerifierJudge):
+        def __init__(self) -> None:
+            super().__init__()
+            self.candidates: list[str] = []
+
+        async def judge(self, task: JudgeTask) -> Judgement:
+            self.candidates.append(task.candidate)
+            return await super().judge(task)
+
+    history, stats, [example_id] = await stores_with(("What is 6 times 7?", "It is 41."))
+    await use(stats, example_id, 3, quality=0.0)
+    counting = CountingVerifier()
+    verifier = VerifierReplayJudge(ReferenceBook({"What is 6 times 7?": TaskReference("numeric", "42")}), counting)
+    replay = ReplayService(history, stats, ScriptedGenerator(["6 x 7 = 43", "The answer is 42."]),
+                           select_judge("auto", llm=None, verifier=verifier), ReplayPlanner(samples_per_replay=2),
+                           Load(0.0), ReplayConfig(tier="large", samples=2))
+
+    [outcome] = (await replay.run_round()).outcomes
+
+    assert outcome.status == "upgraded" and outcome.score_before == 0.0
+    assert counting.candidates == ["It is 41.", "6 x 7 = 43", "The answer is 42."]
 
 
 async def test_pairwise_judge_compares_each_sample_with_the_current_answer() -> None:
