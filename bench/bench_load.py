@@ -112,6 +112,13 @@ class Scrape:
     # worker -> cumulative seconds: "loop lag" (summed lateness of the loop-lag probe), "loop probes"
     # (how many probes), and one entry per timer (time spent in its runs)
     loop: dict[str, dict[str, float]] = field(default_factory=dict)
+    # stage -> cumulative sums over all workers: "wait" / "waited" (seconds events spent between being
+    # produced and taken by the stage / how many), "batch" / "batches" (seconds in the stage's batches)
+    hops: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+HOP_SERIES = {"echolm_stage_wait_seconds_sum": "wait", "echolm_stage_wait_seconds_count": "waited",
+              "echolm_stage_batch_seconds_sum": "batch", "echolm_stage_batch_seconds_count": "batches"}
 
 
 def scrape_workers(ports: dict[str, int], cache_port: int | None) -> Scrape:
@@ -134,6 +141,10 @@ def scrape_workers(ports: dict[str, int], cache_port: int | None) -> Scrape:
                     scrape.loop.setdefault(name, {})["loop probes"] = sample.value
                 elif sample.name == "echolm_timer_seconds_sum":
                     scrape.loop.setdefault(name, {})[sample.labels["timer"]] = sample.value
+                elif sample.name in HOP_SERIES:
+                    sums = scrape.hops.setdefault(sample.labels["stage"], {})
+                    key = HOP_SERIES[sample.name]
+                    sums[key] = sums.get(key, 0.0) + sample.value
     return scrape
 
 
@@ -193,6 +204,7 @@ class Sample:
     # being the responses topic hop and this client
     window_to_answer: list[float] = field(default_factory=list, repr=False)
     loop: dict[str, dict[str, float]] = field(default_factory=dict)  # Scrape.loop at this sample
+    hops: dict[str, dict[str, float]] = field(default_factory=dict)  # Scrape.hops at this sample
 
     @property
     def lag(self) -> int:
@@ -343,7 +355,7 @@ async def drive(settings: Settings, tenant: str, args: argparse.Namespace, cache
                 consumed = {stage: value - consumed_before.get(stage, 0.0) for stage, value in scrape.consumed.items()}
                 run.samples.append(Sample(time.monotonic() - run.started, sent, answered, rss, scrape.cache_size,
                                           stage_backlog(consumed, sent, answered), list(answered_window),
-                                          list(to_answer_window), scrape.loop))
+                                          list(to_answer_window), scrape.loop, scrape.hops))
                 answered_window.clear()
                 to_answer_window.clear()
                 last = run.samples[-1]
@@ -438,6 +450,7 @@ def report(run: Run, args: argparse.Namespace, peaks: dict[str, int]) -> dict:
         "restarted_at_s": round(run.restarted_at, 1) if run.restarted_at is not None else None,
         "to_answer_p50_by_quarter_s": quarter_medians(quarters, lambda s: s.window_to_answer),
         "loop_by_quarter": loop_by_quarter(quarters),
+        "hops_by_quarter": hops_by_quarter(quarters),
         "lag_max": max((s.lag for s in in_run), default=0),
         "lag_mean": round(statistics.fmean(s.lag for s in in_run), 1) if in_run else None,
         # Per stage: events waiting in front of it, at most and when sending ended.
@@ -499,6 +512,24 @@ def loop_by_quarter(quarters: list[list[Sample]]) -> dict[str, dict[str, list[fl
     return out
 
 
+def hops_by_quarter(quarters: list[list[Sample]]) -> dict[str, dict[str, list[float | None]]]:
+    """stage -> {"wait ms": mean time its events waited after being produced, "batch ms": mean time of
+    one of its batches}, per quarter: which hop (or stage) a latency drift is in."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for index, quarter in enumerate(quarters):
+        if len(quarter) < 2:
+            continue
+        first, last = quarter[0], quarter[-1]
+        for stage, now in last.hops.items():
+            then = first.hops.get(stage, {})
+            for label, total, count in (("wait ms", "wait", "waited"), ("batch ms", "batch", "batches")):
+                n = now.get(count, 0.0) - then.get(count, 0.0)
+                if n > 0 and now.get(total, 0.0) >= then.get(total, 0.0):  # not across a restart
+                    mean = 1000 * (now.get(total, 0.0) - then.get(total, 0.0)) / n
+                    out.setdefault(stage, {}).setdefault(label, [None] * 4)[index] = round(mean, 2)
+    return out
+
+
 def print_report(result: dict) -> None:
     print(f"\nsustained load ({result['topology']} topology, echo generator, latency {result['latency_setting_s']}s)")
     for key in ("rate_target", "duration_s", "batch_window_s", "embedder_dtype", "sent", "answered", "errors", "unanswered", "duplicates_seen",
@@ -517,6 +548,10 @@ def print_report(result: dict) -> None:
     for name, rows in result["loop_by_quarter"].items():
         for key, values in sorted(rows.items()):
             print(f"  {name:<16} {key:<40} " + " ".join(f"{str(v):>8}" for v in values))
+    print("\n  per stage and quarter: mean wait of an event from its production to the stage taking it, mean batch time")
+    for stage, rows in sorted(result["hops_by_quarter"].items()):
+        for key, values in sorted(rows.items()):
+            print(f"  {stage:<16} {key:<40} " + " ".join(f"{str(v):>8}" for v in values))
 
 
 FLAT_WORDS = {True: "yes", False: "NO", None: "n/a (in-memory topics)"}

@@ -187,6 +187,16 @@ def timed(body: TimerBody) -> TimerBody:
     return run
 
 
+def observe_waits(stage_name: str, events: Sequence[Any], taken_at: float) -> None:
+    """Each event's time from its production (the record's create time, seconds) to ``taken_at``, into
+    ``echolm_stage_wait_seconds{stage}``; events without a timestamp are left out."""
+    histogram = metrics.STAGE_WAIT.labels(stage_name)
+    for event in events:
+        produced_at = event.message.timestamp
+        if produced_at:
+            histogram.observe(max(0.0, taken_at - produced_at))
+
+
 async def event_loop_lag_monitor(interval_s: float = LOOP_LAG_PROBE_S) -> None:
     """Records, forever, how much later than asked the loop wakes a sleep (``echolm_event_loop_lag_seconds``)."""
     loop = asyncio.get_running_loop()
@@ -254,6 +264,7 @@ class _Wiring:
                 # is cancelled mid-generation) or by a failed send would be committed unprocessed: lost.
                 # An extra reference per event, released only once the outputs are acknowledged,
                 # leaves such a batch uncommitted, to be redelivered after the restart.
+                observe_waits(stage_name, events, time.time())
                 for event in events:
                     event.message.incref()
                 outgoing: list[Outgoing] = []

@@ -10,6 +10,12 @@ STAGE_LATENCY = Histogram(
     "echolm_stage_batch_seconds", "Time a stage spends on one batch", ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+# An event's age when its stage takes it: the time since it was produced, in the broker, the fetch and
+# the batch window. Per stage, beside the batch time above, it tells which hop a latency rise is in.
+STAGE_WAIT = Histogram(
+    "echolm_stage_wait_seconds", "Time from an event's production to its stage taking it", ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 ROUTED = Counter("echolm_routed_total", "Requests routed to each tier", ["tier"])
 CACHE_SIZE = Gauge("echolm_example_cache_size", "Examples held in this retriever's cache")
 EXAMPLES_PER_REQUEST = Histogram("echolm_examples_per_request", "Retrieved examples per routed request",

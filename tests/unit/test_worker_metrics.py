@@ -1,15 +1,16 @@
-"""The worker's own health metrics: event loop lateness and time spent in periodic tasks."""
+"""The worker's own health metrics: event loop lateness, time spent in periodic tasks, events' waits per stage."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY
 
-from streams.app import event_loop_lag_monitor, timed
+from streams.app import event_loop_lag_monitor, observe_waits, timed
 
 
 def _sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -49,3 +50,15 @@ async def test_timed_records_each_run_under_the_function_name_even_when_it_fails
     assert _sample("echolm_timer_seconds_sum", labels) == pytest.approx(0.06, abs=0.03)
     assert _sample("echolm_timer_seconds_count", {"timer": "failing_timer_for_test"}) == 1
     assert timed(settle_usages_for_test).__name__ == "settle_usages_for_test"  # faust names the task after it
+
+
+def test_each_event_s_wait_since_production_is_observed_per_stage():
+    def event(timestamp: float | None) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(timestamp=timestamp))
+
+    labels = {"stage": "retrieve-for-test"}
+    observe_waits("retrieve-for-test", [event(100.0), event(100.5), event(None), event(101.2)], taken_at=101.0)
+
+    assert _sample("echolm_stage_wait_seconds_count", labels) == 3  # no timestamp: not counted
+    # 1.0 + 0.5 + 0 (a create time after the take, another machine's clock, counts as no wait)
+    assert _sample("echolm_stage_wait_seconds_sum", labels) == pytest.approx(1.5)
