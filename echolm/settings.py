@@ -8,7 +8,7 @@ else in the code base reads the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +36,10 @@ class TierSettings(BaseModel):
     base_url: str | None = Field(default=None, description="OpenAI-compatible server URL (backend=openai)")
     use_examples: bool = Field(default=True, description="prepend retrieved examples when routed here")
     simulated_latency_s: float = Field(default=0.0, ge=0, description="echo backend only: delay per request")
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='vllm backend only: extra AsyncEngineArgs, e.g. {"gpu_memory_utilization": 0.4}',
+    )
 
 
 def _default_tiers() -> list[TierSettings]:

