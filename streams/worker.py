@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,20 +18,30 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, stage: str, tiers: tuple[str, ...]) -> None:
-    """Blocks until SIGTERM/SIGINT; faust then stops agents and commits what was acknowledged."""
+    """Blocks until SIGTERM/SIGINT; faust then stops agents and commits what was acknowledged, and
+    the worker's services (models, database pools) are closed after the agents have stopped."""
     import faust
 
     from streams.app import WorkerPlan, create_app
+    from streams.services import Services
+
+    class Worker(faust.Worker):
+        async def on_shutdown(self) -> None:
+            # After the app (a child of this service) stopped its agents, so no batch is cut short.
+            # A vLLM engine runs in child processes that would outlive the worker if not shut down.
+            await services.aclose()
+            await super().on_shutdown()
 
     plan = WorkerPlan.for_stage(stage, settings, tiers)
-    app = create_app(settings, plan)
+    services = Services(settings)
+    app = create_app(settings, plan, services)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
     json_logs = settings.log_format == "json"
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), override_logging=False, quiet=json_logs)
+    worker = Worker(app, loglevel=settings.log_level.lower(), override_logging=False, quiet=json_logs)
     if json_logs:  # faust's banner and start-up spinner write raw text, which would break JSON lines
         worker.spinner = None
     worker.execute_from_commandline()
@@ -58,14 +70,17 @@ class WorkerProcess:
         self.restarts = -1
 
     def start(self) -> None:
+        self.kill_leftovers()  # of the previous run, when the caller restarts a worker that died
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "echolm.cli", "worker", "--stage", self._stage]
         for tier in self._tiers:
             args += ["--tier", tier]
         env = {**os.environ, **settings_env(self._settings), "PYTHONUNBUFFERED": "1"}
         with self._log_path.open("ab") as log_file:
+            # Its own process group, so a kill reaches what the worker started (a vLLM engine's
+            # processes) and nothing outlives it.
             self.process = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
         self.restarts += 1
         log.info("started worker %s (pid %d, log %s)", self._stage, self.process.pid, self._log_path)
 
@@ -84,13 +99,21 @@ class WorkerProcess:
             return ""
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if not self.alive or self.process is None:
+        if self.process is None:
             return
-        self.process.terminate()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.process.poll() is None:
-            time.sleep(0.1)
-        if self.process.poll() is None:
-            log.warning("worker %s did not stop in %.0fs; killing it", self._stage, timeout_s)
-            self.process.kill()
-            self.process.wait(timeout=5)
+        if self.alive:
+            self.process.terminate()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.process.poll() is None:
+                time.sleep(0.1)
+            if self.process.poll() is None:
+                log.warning("worker %s did not stop in %.0fs; killing it", self._stage, timeout_s)
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL whatever the worker started and left running (its process group), e.g. after a kill -9."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
