@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
 from echolm.generation.openai_http import OpenAIChatGenerator, RetryPolicy
 from echolm.settings import Settings, TierSettings
+from tests.integration.openai_server import free_port, running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,12 +29,6 @@ PIPELINE_ID = "req-3f9a0c1d2e4b5a6978"
 _SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory) -> Iterator[str]:
     missing = [name for name in _SERVER_MODULES if importlib.util.find_spec(name) is None]
@@ -50,40 +41,18 @@ def server_url(tmp_path_factory) -> Iterator[str]:
     except (AssetError, OSError) as exc:
         pytest.skip(f"model {MODEL} is not available here: {exc}")
 
-    port = _free_port()
-    log_path: Path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    port = free_port()
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", SERVED_NAME,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(N_CTX),
         "--n_threads", str(max(1, min(2, os.cpu_count() or 1))),
     ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"llama.cpp server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama.cpp server not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with running_server("llama.cpp server", command, port, log_path, STARTUP_TIMEOUT_S) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
-def _tier(url: str, **overrides: object) -> TierSettings:
+def openai_tier(url: str, **overrides: object) -> TierSettings:
     fields: dict[str, object] = dict(name="tiny", backend="openai", model=SERVED_NAME, relative_cost=1.0,
                                      base_url=url, timeout_s=60.0, concurrency=2, max_tokens=32)
     fields.update(overrides)
@@ -92,7 +61,7 @@ def _tier(url: str, **overrides: object) -> TierSettings:
 
 @pytest.fixture
 async def generator(server_url: str) -> AsyncIterator[OpenAIChatGenerator]:
-    gen = OpenAIChatGenerator(_tier(server_url), api_key=None)
+    gen = OpenAIChatGenerator(openai_tier(server_url), api_key=None)
     yield gen
     await gen.aclose()
 
@@ -124,7 +93,7 @@ async def test_a_prompt_beyond_the_context_window_is_prompt_too_long(generator: 
 
 
 async def test_an_unknown_route_is_a_generation_failure_with_the_server_message(server_url: str) -> None:
-    generator = OpenAIChatGenerator(_tier(server_url.removesuffix("/v1") + "/v9"), api_key=None)
+    generator = OpenAIChatGenerator(openai_tier(server_url.removesuffix("/v1") + "/v9"), api_key=None)
     with pytest.raises(EchoLMError) as caught:
         await generator.generate(QUESTION, GenerationParams(max_tokens=4), request_id="req-404")
     await generator.aclose()
@@ -134,7 +103,7 @@ async def test_an_unknown_route_is_a_generation_failure_with_the_server_message(
 
 async def test_a_call_slower_than_the_tier_timeout_ends_with_generation_timeout(server_url: str) -> None:
     # 120 tokens take the server well over a second on CPU; the tier allows 0.3 s.
-    generator = OpenAIChatGenerator(_tier(server_url, timeout_s=0.3), api_key=None)
+    generator = OpenAIChatGenerator(openai_tier(server_url, timeout_s=0.3), api_key=None)
     started = time.monotonic()
     with pytest.raises(EchoLMError) as caught:
         await generator.generate([ChatMessage("user", "Write a long story about a dragon.")],
@@ -146,7 +115,7 @@ async def test_a_call_slower_than_the_tier_timeout_ends_with_generation_timeout(
 
 
 async def test_a_server_that_is_down_fails_after_bounded_retries() -> None:
-    tier = _tier(f"http://127.0.0.1:{_free_port()}/v1", timeout_s=10.0)
+    tier = openai_tier(f"http://127.0.0.1:{free_port()}/v1", timeout_s=10.0)
     generator = OpenAIChatGenerator(tier, api_key=None, retry=RetryPolicy(max_attempts=3, base_delay_s=0.05))
     started = time.monotonic()
     with pytest.raises(EchoLMError) as caught:

