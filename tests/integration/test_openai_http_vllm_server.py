@@ -8,7 +8,6 @@ exported from EchoLM's GGUF file.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -18,18 +17,23 @@ import pytest
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
 from echolm.generation.openai_http import OpenAIChatGenerator
 from echolm.settings import Settings, TierSettings
-from streams.broker import EmbeddedBroker
 from streams.local import run_local_batch
 from tests.integration.openai_server import free_port, running_server
-from tests.integration.test_openai_http_server import SERVED_NAME
-from tests.integration.test_openai_http_server import openai_tier
-from tests.integration.test_pipeline import QUESTIONS, PARAPHRASES, batch_line, make_settings, read_output, write_lines
+from tests.integration.test_openai_http_server import SERVED_NAME, openai_tier
+from tests.integration.test_pipeline import (  # noqa: F401  (broker: the module's embedded broker)
+    PARAPHRASES,
+    QUESTIONS,
+    batch_line,
+    broker,
+    make_settings,
+    read_output,
+    write_lines,
+)
+from tests.integration.vllm_support import CPU_KV_CACHE_BYTES, on_gpu, skip_without_vllm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.vllm]
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed: `make test-vllm` runs these tests on vLLM's CPU build "
-                "(or pip install 'echolm[gpu]' on a CUDA machine)", allow_module_level=True)
+skip_without_vllm()
 
 from echolm.generation.hf_checkpoint import export_hf_checkpoint  # noqa: E402
 
@@ -46,10 +50,8 @@ def server_url(tmp_path_factory) -> Iterator[str]:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
                "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]
-    import torch
-
-    if not torch.cuda.is_available():  # CPU: a small fixed KV cache, not most of the machine's memory
-        command += ["--kv-cache-memory-bytes", str(1 << 30)]
+    if not on_gpu():
+        command += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
     with running_server("vLLM's OpenAI server", command, port, log_path, STARTUP_TIMEOUT_S,
                         env={**os.environ, "HF_HUB_OFFLINE": "1"}) as url:
@@ -92,12 +94,6 @@ async def test_a_call_slower_than_the_tier_timeout_ends_with_generation_timeout(
                                  GenerationParams(max_tokens=600), request_id="req-slow")
     await generator.aclose()
     assert caught.value.code is ErrorCode.GENERATION_TIMEOUT
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    with EmbeddedBroker(tmp_path_factory.mktemp("broker")) as running:
-        yield running
 
 
 def test_both_tiers_on_vllm_servers_through_the_pipeline(tmp_path, broker, server_url: str):

@@ -9,7 +9,6 @@ ECHOLM_TEST_VLLM_MODEL at another checkpoint to try that instead.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -19,15 +18,21 @@ import pytest_asyncio
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
 from echolm.settings import Settings, TierSettings
-from streams.broker import EmbeddedBroker
 from streams.local import run_local_batch
-from tests.integration.test_pipeline import QUESTIONS, PARAPHRASES, batch_line, make_settings, read_output, write_lines
+from tests.integration.test_pipeline import (  # noqa: F401  (broker: the module's embedded broker)
+    PARAPHRASES,
+    QUESTIONS,
+    batch_line,
+    broker,
+    make_settings,
+    read_output,
+    write_lines,
+)
+from tests.integration.vllm_support import CPU_KV_CACHE_BYTES, on_gpu, skip_without_vllm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.vllm]
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed: `make test-vllm` runs these tests on vLLM's CPU build "
-                "(or pip install 'echolm[gpu]' on a CUDA machine)", allow_module_level=True)
+skip_without_vllm()
 
 from echolm.generation.hf_checkpoint import export_hf_checkpoint  # noqa: E402
 from echolm.generation.vllm_engine import VllmEngineGenerator  # noqa: E402  (after the skip: imports vLLM)
@@ -35,15 +40,8 @@ from echolm.generation.vllm_engine import VllmEngineGenerator  # noqa: E402  (af
 REGISTRY_MODEL = "smollm2-135m-instruct"
 
 
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-# CPU: a small fixed KV cache instead of vLLM's default of most of the machine's memory.
-ENGINE_OPTIONS = ({"gpu_memory_utilization": 0.3, "enforce_eager": True} if _on_gpu()
-                  else {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True})
+ENGINE_OPTIONS = ({"gpu_memory_utilization": 0.3, "enforce_eager": True} if on_gpu()
+                  else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True})
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +143,6 @@ async def test_a_generation_past_the_tier_timeout_is_aborted_and_the_engine_keep
     after = await generator.generate([ChatMessage("user", "Say hello.")], GenerationParams(max_tokens=8),
                                      request_id="req-after")
     assert after.text.strip()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    with EmbeddedBroker(tmp_path_factory.mktemp("broker")) as running:
-        yield running
 
 
 def test_the_small_tier_on_vllm_answers_through_the_pipeline_with_examples(tmp_path, broker, model: str):
