@@ -54,24 +54,35 @@ from echolm.history.tables import ExampleRow  # noqa: E402
 from echolm.protocols import ExampleCandidate, ResponseLog  # noqa: E402
 from echolm.settings import ReplaySettings, Settings  # noqa: E402
 
-REFERENCE_KIND = {"numeric": "numeric", "python-tests": "python"}
+REFERENCE_KIND = {"numeric": "numeric", "program-output": "program", "python-tests": "python"}
 
 
 def source_id(index: int) -> str:
     return f"cache-{index}"
 
 
-def write_references(run: WorkloadRun, path: Path) -> None:
-    """The replay judge's references: each cache entry's prompt with the workload's answer or tests."""
+def write_references(run: WorkloadRun, path: Path, tests: str = "shown") -> int:
+    """The replay judge's references: each cache entry's prompt with the workload's answer or tests.
+
+    Python tasks: ``tests="shown"`` judges an entry only by the assert its own prompt shows (what the
+    asker stated; the traffic is scored on every assert, so judging replay by all of them would grade
+    the examples with the evaluation's own key), ``"all"`` by every assert. Entries without tests (MBPP
+    asked in another language) get no reference and are left to the other judges. Returns how many
+    entries have one.
+    """
     kind = REFERENCE_KIND.get(run.workload.verifier)
     if kind is None:
         raise SystemExit(f"{run.workload.name} has no task verifier; replay would need an LLM judge tier")
     lines = []
     for item in run.workload.cache:
-        # numeric: the answer; python: the tests one by one, so the verifier scores the share that pass
-        reference = item.answer if kind == "numeric" else list(item.tests)
-        lines.append(json.dumps({"prompt": item.prompt, "reference": reference, "kind": kind}))
+        if kind in ("numeric", "program"):
+            reference: str | list[str] = item.answer or ""
+        else:  # one test per entry of the list, so the verifier scores the share that pass
+            reference = list(item.tests[:1] if tests == "shown" else item.tests)
+        if reference:
+            lines.append(json.dumps({"prompt": item.prompt, "reference": reference, "kind": kind}))
     path.write_text("\n".join(lines) + "\n")
+    return len(lines)
 
 
 async def seed_history(url: str, run: WorkloadRun, verdicts: VerdictCache) -> dict[str, Any]:
@@ -147,6 +158,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="replay rounds (each entry at most once per round)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the replay and re-serving")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="the evaluation's generation cache")
+    parser.add_argument("--judge-tests", choices=("shown", "all"), default="shown",
+                        help="python tasks: judge replayed answers by the assert the entry's prompt shows, or by all")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -164,7 +177,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite+aiosqlite:///{Path(tmp) / 'history.db'}"
         references = Path(tmp) / "references.jsonl"
-        write_references(run, references)
+        judged_entries = write_references(run, references, args.judge_tests)
         seeded = asyncio.run(seed_history(url, run, verdicts))
         replay_settings = settings.model_copy(update={
             "database_url": url, "data_dir": Path(tmp),
@@ -189,7 +202,7 @@ def main() -> None:
     result = {
         "workload": workload.name, "n_cache": len(workload.cache), "traffic": len(workload.traffic),
         "distinct_traffic": len(workload.unique_traffic), "k": args.examples, "samples": args.samples,
-        "history": seeded,
+        "history": seeded, "judge_tests": args.judge_tests, "entries_with_reference": judged_entries,
         "cache_right_before": sum(before_cache), "cache_right_after": sum(after_cache),
         "entries_replaced": sum(v > 1 for v in versions),
         "traffic_using_replaced_entries": sum(

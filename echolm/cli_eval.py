@@ -15,7 +15,7 @@ import typer
 
 
 def eval_command(
-    workloads: Annotated[str, typer.Option(help="comma-separated: gsm8k, gsm8k-numbers (GSM8K asked again with other numbers), mbpp, mbpp-camel (MBPP asking for camelCase names), or a name for --jsonl")] = "gsm8k,mbpp",
+    workloads: Annotated[str, typer.Option(help="comma-separated: gsm8k, gsm8k-numbers (GSM8K asked again with other numbers), gsm8k-numbers-program (the same, answered by a program that prints the answer), mbpp, mbpp-camel (MBPP asking for camelCase names), or a name for --jsonl")] = "gsm8k,mbpp",
     jsonl: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                help="JSONL of {prompt, reference[, answer, tests, group]} "
                                                     "used for workload names other than gsm8k/mbpp")] = None,

@@ -119,7 +119,7 @@ class ReplaySettings(BaseModel):
         default="auto", description="auto: LLM judge if judge_tier is set, else a verifier where a reference exists, else heuristic"
     )
     judge_tier: str | None = Field(default=None, description="tier that judges replay answers pairwise (the LLM judge)")
-    references_path: Path | None = Field(default=None, description="JSONL {prompt, reference, kind: numeric|python} for task verifiers")
+    references_path: Path | None = Field(default=None, description="JSONL {prompt, reference, kind: numeric|program|python} for task verifiers")
     min_improvement: float = Field(default=0.0, ge=0, description="a new version only if the best answer beats the current one by more")
 
 
@@ -146,7 +146,7 @@ class LearningSettings(BaseModel):
     reference_tier: str | None = Field(default=None, description="tier whose answer offloaded answers are judged against (None: the costliest)")
     judge_max_tokens: int = Field(default=192, ge=8, description="completion limit of one judge reply")
     judge_timeout_s: float = Field(default=120.0, gt=0, description="limit for one judge or reference generation")
-    references_path: Path | None = Field(default=None, description="JSONL {prompt, reference, kind: numeric|python[, setup]}: task verifiers for requests with references")
+    references_path: Path | None = Field(default=None, description="JSONL {prompt, reference, kind: numeric|program|python[, setup]}: task verifiers for requests with references")
     selection_threshold: float = Field(default=0.5, ge=-1, le=1, description="stage 2 at cold start: minimum similarity of a kept example (a trained proxy stores its own threshold)")
     max_examples: int = Field(default=5, ge=0, description="examples kept per request at most (stage 2)")
     model_poll_interval_s: float = Field(default=10.0, gt=0, description="how often workers look for a newly stored selector or router model")

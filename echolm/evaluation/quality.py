@@ -28,7 +28,7 @@ from pathlib import Path
 from echolm.datasets import TaskItem
 from echolm.domain import ChatMessage
 from echolm.judging.pairwise import Outcome, PairwiseJudge, win_rate
-from echolm.judging.verifiers import Verdict, numeric_answer_match, run_python_tests
+from echolm.judging.verifiers import Verdict, numeric_answer_match, program_answer_match, run_python_tests
 
 TEST_TIMEOUT_S = 10.0
 TEST_MEMORY_MB = 512
@@ -36,10 +36,12 @@ _OUTCOME_SCORE = {"win": 1.0, "tie": 0.0, "loss": -1.0}
 
 
 def verify(item: TaskItem, answer: str, verifier: str) -> Verdict:
-    """Check ``answer`` with the workload's verifier ("numeric" or "python-tests")."""
-    if verifier == "numeric":
+    """Check ``answer`` with the workload's verifier ("numeric", "program-output" or "python-tests")."""
+    if verifier in ("numeric", "program-output"):
         if item.answer is None:
             raise ValueError(f"{item.id} has no reference answer")
+        if verifier == "program-output":
+            return program_answer_match(answer, item.answer, timeout_s=TEST_TIMEOUT_S, memory_mb=TEST_MEMORY_MB)
         return numeric_answer_match(answer, item.answer)
     if verifier == "python-tests":
         if not item.tests:

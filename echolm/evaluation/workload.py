@@ -15,6 +15,9 @@ Workloads by data set:
   annotated arithmetic re-run, so every variant has a known answer), each request with its own
   numbers, over the cached problems and unseen ones alike. A cached answer returned verbatim is
   wrong; used as an example it shows the way. Only problems whose arithmetic can be traced are used.
+* **The same, asked for a program** (``gsm8k-numbers-program``): every request (cache and traffic)
+  asks for a short Python program that prints the answer; the ``program-output`` verifier runs it in
+  the sandbox. A cached program is then an example whose numbers the small model only has to swap.
 * **MBPP**: a group is one programming task. The cache holds each cached task once, asked in Python
   or translated into another language (the data set ships 17: real near-duplicates). Traffic asks for
   Python only (so unit tests can judge every answer), with a different example test shown than the
@@ -47,13 +50,21 @@ from echolm.evaluation.number_variants import Untraceable, vary
 # Languages the MBPP cache part draws its non-Python phrasings from (popular ones, with readable code).
 MBPP_CACHE_LANGUAGES = ("javascript", "java", "cpp", "go", "rust", "typescript")
 DEFAULT_ZIPF_S = 1.1
-BUILT_IN_WORKLOADS = ("gsm8k", "gsm8k-numbers", "mbpp", "mbpp-camel")
+BUILT_IN_WORKLOADS = ("gsm8k", "gsm8k-numbers", "gsm8k-numbers-program", "mbpp", "mbpp-camel")
 # Appended to every GSM8K question (cache and traffic alike). Without it both models wrote long LaTeX
 # derivations that 200 tokens cut before the answer (3 of the first 4 large-model answers, measured).
 GSM8K_INSTRUCTION = "Solve it step by step, briefly. End with a line of the form: The answer is <number>."
 # At 256 tokens 53% of Qwen2.5-Coder-1.5B's step-by-step answers were cut before their last line
 # (measured on 40 questions); their median length is about 220 tokens.
 GSM8K_MAX_TOKENS = 512
+# gsm8k-numbers-program: the same problems asked for a program (program-of-thought, as PAL does), the
+# form a coder model answers best; the verifier runs the program and reads the number it prints.
+GSM8K_PROGRAM_INSTRUCTION = ("Write a short Python program that computes the answer and prints it as a "
+                             "single number. Reply with the program only.")
+# At 256, 4 of the first 11 Qwen2.5-Coder-0.5B answers to MBPP traffic were cut inside the self-test the
+# model appends after a complete function (an unterminated line fails the whole program): a verbosity
+# artefact of the cap, not a wrong solution (session 7; the 1.5B's answers average ~130 tokens).
+MBPP_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,21 +141,25 @@ def gsm8k_workload(items: Sequence[TaskItem], *, n_cache: int, n_pool: int, n_tr
     )
 
 
-def number_variant(item: TaskItem, solution: str, draw: int, seed: int) -> TaskItem:
+def number_variant(item: TaskItem, solution: str, draw: int, seed: int,
+                   instruction: str = GSM8K_INSTRUCTION) -> TaskItem:
     """Draw number ``draw`` of ``item`` with new numbers (deterministic); raises ``Untraceable``.
 
     ``item`` is a parsed GSM8K problem (its prompt the bare question), ``solution`` its raw answer.
     """
     variant = vary(item.prompt, solution, item.answer or "", random.Random(f"{seed}:{item.id}:{draw}"))
-    return replace(item, id=f"{item.id}-n{draw}", prompt=f"{variant.question}\n{GSM8K_INSTRUCTION}",
+    return replace(item, id=f"{item.id}-n{draw}", prompt=f"{variant.question}\n{instruction}",
                    reference=variant.solution, answer=variant.answer)
 
 
 def gsm8k_numbers_workload(docs: Sequence[dict[str, object]], *, n_cache: int, n_unseen: int, n_traffic: int,
                            zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0,
-                           max_tokens: int = GSM8K_MAX_TOKENS) -> Workload:
+                           max_tokens: int = GSM8K_MAX_TOKENS, as_program: bool = False) -> Workload:
     """Cache: ``n_cache`` GSM8K problems as published. Traffic: ``n_traffic`` Zipf draws over them and
-    ``n_unseen`` others, each request the drawn problem with its own new numbers."""
+    ``n_unseen`` others, each request the drawn problem with its own new numbers. ``as_program``: every
+    request asks for a Python program that prints the answer (``gsm8k-numbers-program``); the split and
+    the numbers are the same."""
+    instruction = GSM8K_PROGRAM_INSTRUCTION if as_program else GSM8K_INSTRUCTION
     rng = random.Random(seed)
     items = parse_gsm8k(docs)  # type: ignore[arg-type]
     solutions = {item.id: str(doc["answer"]) for item, doc in zip(items, docs, strict=True)}
@@ -159,7 +174,7 @@ def gsm8k_numbers_workload(docs: Sequence[dict[str, object]], *, n_cache: int, n
     if len(traceable) < n_cache + n_unseen:
         raise ValueError(f"GSM8K has {len(traceable)} problems whose numbers can be changed; "
                          f"{n_cache + n_unseen} needed")
-    cache = [replace(item, prompt=f"{item.prompt}\n{GSM8K_INSTRUCTION}") for item in traceable[:n_cache]]
+    cache = [replace(item, prompt=f"{item.prompt}\n{instruction}") for item in traceable[:n_cache]]
     served = traceable[:n_cache + n_unseen]
     rng.shuffle(served)
     by_group = {item.group: item for item in served}
@@ -167,12 +182,14 @@ def gsm8k_numbers_workload(docs: Sequence[dict[str, object]], *, n_cache: int, n
     traffic = []
     for group in zipf_sample([item.group for item in served], n_traffic, zipf_s, rng):
         seen = asked.setdefault(group, {})
-        request = _fresh_variant(by_group[group], solutions[group], len(seen) + 1, seed, seen)
+        request = _fresh_variant(by_group[group], solutions[group], len(seen) + 1, seed, seen, instruction)
         seen[request.prompt] = request
         traffic.append(request)
     return Workload(
-        name="gsm8k-numbers", cache=tuple(cache), traffic=tuple(traffic), verifier="numeric", max_tokens=max_tokens,
-        description=(f"GSM8K test, numbers changed: {n_cache} problems as published in the cache part; traffic "
+        name="gsm8k-numbers-program" if as_program else "gsm8k-numbers", cache=tuple(cache), traffic=tuple(traffic),
+        verifier="program-output" if as_program else "numeric", max_tokens=max_tokens,
+        description=(f"GSM8K test, numbers changed{', asked for a program' if as_program else ''}: {n_cache} "
+                     "problems as published in the cache part; traffic "
                      f"{n_traffic} requests, Zipf(s={zipf_s}) over the {n_cache} cached and {n_unseen} unseen "
                      f"problems, each asked with its own numbers ({len(traceable)} of {len(items)} problems "
                      "have arithmetic that can be re-run)"),
@@ -180,13 +197,14 @@ def gsm8k_numbers_workload(docs: Sequence[dict[str, object]], *, n_cache: int, n
     )
 
 
-def _fresh_variant(item: TaskItem, solution: str, draw: int, seed: int, seen: Mapping[str, TaskItem]) -> TaskItem:
+def _fresh_variant(item: TaskItem, solution: str, draw: int, seed: int, seen: Mapping[str, TaskItem],
+                   instruction: str = GSM8K_INSTRUCTION) -> TaskItem:
     """Variant ``draw``, or a later one when its numbers repeat an earlier request's (``seen``: prompt ->
     request); a problem with few valid numbers may run out, and then the earlier request repeats, as
     in real traffic."""
     for attempt in (draw, *range(draw + 1000, draw + 1050)):
         try:
-            variant = number_variant(item, solution, attempt, seed)
+            variant = number_variant(item, solution, attempt, seed, instruction)
         except Untraceable:  # these numbers found no whole answer; other draws may
             continue
         if variant.prompt not in seen:
@@ -238,7 +256,7 @@ def with_camel_case_names(item: TaskItem) -> TaskItem:
 
 def mbpp_workload(python: Sequence[TaskItem], translations: Sequence[TaskItem], *, n_cache: int, n_unseen: int,
                   n_traffic: int, python_cache_share: float = 0.5, zipf_s: float = DEFAULT_ZIPF_S, seed: int = 0,
-                  max_tokens: int = 256, camel_case_traffic: bool = False) -> Workload:
+                  max_tokens: int = MBPP_MAX_TOKENS, camel_case_traffic: bool = False) -> Workload:
     """Cache: ``n_cache`` tasks, each in Python (share ``python_cache_share``) or another language.
 
     Traffic: ``n_traffic`` Zipf draws over the cached tasks plus ``n_unseen`` tasks not in the cache,
@@ -325,13 +343,13 @@ def load_workload(name: str, cache_dir: Path, *, n_cache: int = 40, n_traffic: i
     if name == "gsm8k":
         return gsm8k_workload(load_gsm8k(cache_dir), n_cache=n_cache, n_pool=n_traffic, n_traffic=n_traffic,
                               seed=seed)
-    if name == "gsm8k-numbers":
+    if name in ("gsm8k-numbers", "gsm8k-numbers-program"):
         return gsm8k_numbers_workload(load_gsm8k_docs(cache_dir), n_cache=n_cache, n_unseen=max(1, n_cache // 2),
-                                      n_traffic=n_traffic, seed=seed)
+                                      n_traffic=n_traffic, seed=seed, as_program=name == "gsm8k-numbers-program")
     if name in ("mbpp", "mbpp-camel"):
         items = load_mbpp(cache_dir, languages=("python", *MBPP_CACHE_LANGUAGES))
         python = [t for t in items if t.language == "python"]
         others = [t for t in items if t.language != "python"]
         return mbpp_workload(python, others, n_cache=n_cache, n_unseen=max(1, n_cache // 2), n_traffic=n_traffic,
                              seed=seed, camel_case_traffic=name == "mbpp-camel")
-    raise ValueError(f"unknown workload {name!r}: use gsm8k, gsm8k-numbers, mbpp, mbpp-camel, or pass a JSONL file")
+    raise ValueError(f"unknown workload {name!r}: use {', '.join(BUILT_IN_WORKLOADS)}, or pass a JSONL file")

@@ -11,11 +11,13 @@ reference exists: exact and cheap; else the LLM judge). Every verdict comes as a
 ``quality`` in [0, 1] is what the router and the helpfulness proxy learn from.
 
 ``ReferenceBook`` holds verifier references, looked up by the request's text (whitespace-normalised):
-a JSONL file of ``{"prompt": ..., "reference": ..., "kind": "numeric" | "python", "setup": ...}``.
+a JSONL file of ``{"prompt": ..., "reference": ..., "kind": "numeric" | "program" | "python", "setup": ...}``
+(``program``: the answer is a program whose last printed number must match the reference's).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -25,10 +27,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from echolm.domain import ChatMessage, GenerationParams
 from echolm.judging.pairwise import JudgeError, PairwiseJudge, normalised_quality
-from echolm.judging.verifiers import numeric_answer_match, run_python_tests_async
+from echolm.judging.verifiers import numeric_answer_match, program_answer_match, run_python_tests_async
 from echolm.protocols import Generator
 
-ReferenceKind = Literal["numeric", "python"]
+ReferenceKind = Literal["numeric", "program", "python"]
+REFERENCE_KINDS: tuple[ReferenceKind, ...] = ("numeric", "program", "python")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +135,14 @@ class VerifierJudge:
         reference = task.reference
         if reference is None:
             raise JudgeError("no reference to verify against")
-        if reference.kind == "numeric":
+        if reference.kind in ("numeric", "program"):
             text = reference.reference if isinstance(reference.reference, str) else reference.reference[-1]
             try:
-                verdict = numeric_answer_match(task.candidate, text)
+                if reference.kind == "program":  # runs the program: off the event loop, like the tests
+                    verdict = await asyncio.to_thread(program_answer_match, task.candidate, text, self.timeout_s,
+                                                      self.memory_mb)
+                else:
+                    verdict = numeric_answer_match(task.candidate, text)
             except ValueError as exc:
                 raise JudgeError(f"unusable numeric reference: {exc}") from exc
         else:
@@ -200,8 +207,8 @@ class ReferenceBook:
             try:
                 data = json.loads(line)
                 kind = data.get("kind", "numeric")
-                if kind not in ("numeric", "python"):
-                    raise ValueError(f"kind must be 'numeric' or 'python', got {kind!r}")
+                if kind not in REFERENCE_KINDS:
+                    raise ValueError(f"kind must be one of {', '.join(REFERENCE_KINDS)}, got {kind!r}")
                 raw = data["reference"]
                 reference = raw if isinstance(raw, str) else tuple(str(t) for t in raw)
                 if not reference:

@@ -2,6 +2,8 @@
 
 * ``numeric_answer_match``: GSM8K-style final-number comparison.
 * ``run_python_tests``: runs a model's code and its tests in a separate, resource-limited interpreter.
+* ``program_answer_match``: runs a model's program (program-of-thought math) there and checks the number
+  it prints.
 
 The sandbox limits resources and isolates the interpreter (``-I``, a temporary working directory, a
 minimal environment, stdin closed, CPU time, address space, file size and core dumps limited, the whole
@@ -119,7 +121,7 @@ marker = payload["marker"]
 def report(*fields):
     sys.__stdout__.write(marker + " " + " ".join(str(f) for f in fields) + "\n")
     sys.__stdout__.flush()
-namespace = {"__name__": "__solution__"}
+namespace = {"__name__": payload["module_name"]}
 try:
     exec(compile(payload["code"], "solution.py", "exec"), namespace)
 except BaseException as exc:
@@ -157,13 +159,36 @@ def run_python_tests(
     if not test_list:
         raise ValueError("no tests to run")
     program = (setup + "\n" if setup else "") + (extract_code(code) if extract else code)
+    run = _run_sandboxed(program, test_list, timeout_s, memory_mb, max_output_bytes)
+    return _verdict(run.stdout, run.stderr, run.marker, len(test_list), run.returncode, run.timed_out, timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class _SandboxRun:
+    stdout: str  # the program's output with the harness's marker lines in it
+    stderr: str
+    marker: str
+    returncode: int | None
+    timed_out: bool
+
+    @property
+    def program_output(self) -> str:
+        """What the program itself printed (the harness's marker lines removed)."""
+        return "\n".join(line for line in self.stdout.splitlines() if not line.startswith(self.marker + " "))
+
+
+def _run_sandboxed(program: str, tests: Sequence[str], timeout_s: float, memory_mb: int, max_output_bytes: int,
+                   module_name: str = "__solution__") -> _SandboxRun:
+    """``program`` then each of ``tests`` in the sandbox (module docstring), as module ``module_name``
+    (``__main__`` runs a program's ``if __name__ == "__main__":`` block; MBPP solutions must not)."""
     marker = "@@echolm-" + secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="echolm-verify-") as workdir:
         work = Path(workdir)
         payload = {
             "code": program,
-            "tests": test_list,
+            "tests": list(tests),
             "marker": marker,
+            "module_name": module_name,
             # One second above the wall clock, so a busy loop normally ends as a (clearer) timeout.
             "cpu_s": math.ceil(timeout_s) + 1,
             "memory_bytes": memory_mb * 1024 * 1024,
@@ -199,7 +224,25 @@ def run_python_tests(
                 _kill_group(proc)
         stdout = _read_head(work / "stdout", max_output_bytes)
         stderr = _read_head(work / "stderr", max_output_bytes)
-    return _verdict(stdout, stderr, marker, len(test_list), proc.returncode, timed_out, timeout_s)
+    return _SandboxRun(stdout, stderr, marker, proc.returncode, timed_out)
+
+
+def program_answer_match(response: str, reference: str, timeout_s: float = 10.0, memory_mb: int = 512) -> Verdict:
+    """A program-of-thought answer: run the response's Python code in the sandbox and compare the last
+    number it prints with the reference's final number (``numeric_answer_match``). An answer without a
+    fenced code block, a program that fails or prints no number does not pass: the asker wanted a
+    program, and a program that does not run is no answer."""
+    if not _FENCE.search(response):
+        return Verdict(False, 0.0, "no fenced code block in the answer")
+    run = _run_sandboxed(extract_code(response), ["pass"], timeout_s, memory_mb, 1_000_000, module_name="__main__")
+    if run.timed_out or run.returncode != 0:
+        failed = _verdict(run.stdout, run.stderr, run.marker, 1, run.returncode, run.timed_out, timeout_s)
+        return Verdict(False, 0.0, f"program failed: {failed.detail}")
+    printed = [line for line in run.program_output.splitlines() if line.strip()]
+    if not printed or extract_final_number(printed[-1]) is None:
+        return Verdict(False, 0.0, f"the program printed no number last: {_last_line(run.program_output)}")
+    match = numeric_answer_match(printed[-1], reference)
+    return Verdict(match.passed, match.score, f"program printed {printed[-1][:80]!r}; {match.detail}")
 
 
 async def run_python_tests_async(

@@ -41,6 +41,8 @@ def test_verify_numeric_and_code() -> None:
     assert verify(CODE, "```python\ndef add(a, b):\n    return a + b\n```", "python-tests").passed
     assert not verify(CODE, "```python\ndef add(a, b):\n    return a - b\n```", "python-tests").passed
     assert not verify(CODE, "", "python-tests").passed
+    assert verify(MATH, "```python\nprint(6 * 7)\n```", "program-output").passed
+    assert not verify(MATH, "The answer is 42.", "program-output").passed  # a program was asked for
     with pytest.raises(ValueError, match="judge"):
         verify(MATH, "42", "none")
 

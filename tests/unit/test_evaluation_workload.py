@@ -11,6 +11,7 @@ import pytest
 from echolm.datasets import TaskItem
 from echolm.evaluation.workload import (
     GSM8K_INSTRUCTION,
+    GSM8K_PROGRAM_INSTRUCTION,
     camel_case,
     gsm8k_numbers_workload,
     gsm8k_workload,
@@ -178,3 +179,12 @@ def test_gsm8k_numbers_caches_published_problems_and_asks_them_again_with_other_
     assert len(workload.unique_traffic) == sum(len(prompts) for prompts in per_group.values())
     again = gsm8k_numbers_workload(_gsm_docs(30), n_cache=10, n_unseen=5, n_traffic=40, seed=3)
     assert again == workload  # deterministic
+
+
+def test_gsm8k_numbers_program_asks_the_same_requests_for_a_program() -> None:
+    prose = gsm8k_numbers_workload(_gsm_docs(30), n_cache=10, n_unseen=5, n_traffic=40, seed=3)
+    program = gsm8k_numbers_workload(_gsm_docs(30), n_cache=10, n_unseen=5, n_traffic=40, seed=3, as_program=True)
+    assert program.name == "gsm8k-numbers-program" and program.verifier == "program-output"
+    for asked, as_prose in zip((*program.cache, *program.traffic), (*prose.cache, *prose.traffic), strict=True):
+        assert asked.prompt == as_prose.prompt.replace(GSM8K_INSTRUCTION, GSM8K_PROGRAM_INSTRUCTION)
+        assert (asked.id, asked.answer) == (as_prose.id, as_prose.answer)  # same split, same numbers

@@ -59,6 +59,11 @@ async def test_verifiers_score_numbers_and_unit_tests():
     tests = TaskReference("python", ("assert add(1, 2) == 3", "assert add(2, 2) == 5"))
     half = await VerifierJudge(timeout_s=10).judge(JudgeTask("q", code, reference=tests))
     assert half.quality == pytest.approx(0.5) and half.judge == "verifier:python"
+    program = TaskReference("program", "42")
+    ran = await VerifierJudge().judge(JudgeTask("q", "```python\nprint(6 * 7)\n```", reference=program))
+    assert (ran.quality, ran.judge) == (1.0, "verifier:program")
+    prose = await VerifierJudge().judge(JudgeTask("q", "The answer is 42.", reference=program))
+    assert prose.quality == 0.0 and "no fenced code block" in prose.detail["detail"]
 
 
 async def test_cascade_prefers_the_verifier_when_a_reference_exists():

@@ -11,6 +11,7 @@ from echolm.judging.verifiers import (
     extract_code,
     extract_final_number,
     numeric_answer_match,
+    program_answer_match,
     run_python_tests,
     run_python_tests_async,
 )
@@ -130,3 +131,32 @@ def test_runs_in_a_temporary_isolated_directory(tmp_path, monkeypatch):
 async def test_async_wrapper():
     verdict = await run_python_tests_async(SOLUTION, "assert add(2, 3) == 5", timeout_s=10)
     assert verdict.passed
+
+
+def test_program_answer_is_the_last_number_it_prints():
+    program = "```python\napples = 16 - 3 - 4\nprint('eggs left:', apples)\nprint(apples * 2)\n```"
+    verdict = program_answer_match(program, "18")
+    assert verdict.passed and verdict.score == 1.0
+    assert "printed '18'" in verdict.detail
+    assert not program_answer_match(program, "#### 9").passed  # only the last line counts
+
+
+def test_program_runs_as_main_so_a_main_guard_runs():
+    program = "```python\ndef solve():\n    return 3 * 4\n\nif __name__ == '__main__':\n    print(solve())\n```"
+    assert program_answer_match(program, "12").passed
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail"),
+    [
+        ("The answer is 12.", "no fenced code block"),  # prose: the request asked for a program
+        ("```python\nx = 12\n```", "printed no number"),
+        ("```python\nprint('twelve')\n```", "printed no number"),
+        ("```python\nprint(1 / 0)\n```", "ZeroDivisionError"),
+        ("```python\nwhile True:\n    pass\n```", "timeout"),
+    ],
+)
+def test_program_that_prints_no_number_fails_or_times_out_does_not_pass(answer, detail):
+    verdict = program_answer_match(answer, "12", timeout_s=1.0)
+    assert not verdict.passed and verdict.score == 0.0
+    assert detail in verdict.detail
