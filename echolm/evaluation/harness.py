@@ -37,6 +37,10 @@ from echolm.settings import Settings
 log = logging.getLogger(__name__)
 
 PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected", "learned", "calibrate")
+# The phases whose generations a phase's jobs are built from (the cache part's answers are the examples;
+# trained stage 2 learns from the nearest and random arms' outcomes).
+PHASE_NEEDS = {"nearest": ("cache",), "random": ("cache",), "selected": ("cache",), "cache-size": ("cache",),
+               "learned": ("cache", "nearest", "random")}
 CALIBRATION_ARMS = ("large", "small", "small+nearest")
 # Cache sizes of the sweep, as fractions of the cache part, in the order they are generated.
 CACHE_SIZE_FRACTIONS = (0.5, 0.1, 0.25, 0.01)
@@ -200,22 +204,51 @@ class WorkloadRun:
 
 def run_phases(runs: Sequence[WorkloadRun], settings: Settings, cache: GenerationCache, *,
                phases: Sequence[str] = PHASES, deadline: float | None = None, progress: bool = True) -> list[str]:
-    """Generate the phases in order over every workload; stop before a phase once ``deadline``
-    (``time.monotonic()``) has passed. Returns the phases completed."""
+    """Generate the phases in order over every workload (``ordered_phases``: a requested phase that
+    another needs runs first); stop before a phase once ``deadline`` (``time.monotonic()``) has passed.
+    A phase whose inputs were neither requested nor generated earlier is skipped with a warning.
+    Returns the phases completed for every workload."""
     done = []
-    for phase in phases:
+    for phase in ordered_phases(phases):
         if phase == "calibrate":
             continue  # needs the serving settings: run by calibrate_costs
+        skipped = False
         for run in runs:
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("time budget spent: stopping before phase %s of %s", phase, run.workload.name)
                 return done
-            jobs = run.phase_jobs(phase)
+            try:
+                jobs = run.phase_jobs(phase)
+            except MissingGenerations as exc:
+                needs = ", ".join(PHASE_NEEDS.get(phase, ()))
+                log.warning("skipping phase %s of %s: %s (it needs the phases %s)", phase, run.workload.name, exc,
+                            needs)
+                skipped = True
+                continue
             ran = generate_missing(jobs, settings, cache, progress=progress,
                                    description=f"{run.workload.name}:{phase}")
             log.info("%s %s: %d jobs, %d generated now", run.workload.name, phase, len(jobs), ran)
-        done.append(phase)
+        if not skipped:
+            done.append(phase)
     return done
+
+
+def ordered_phases(phases: Sequence[str]) -> list[str]:
+    """``phases`` in the given (priority) order, except that a requested phase another one needs is
+    moved right before the first phase that needs it."""
+    ordered: list[str] = []
+
+    def place(phase: str) -> None:
+        if phase in ordered:
+            return
+        for needed in PHASE_NEEDS.get(phase, ()):
+            if needed in phases:
+                place(needed)
+        ordered.append(phase)
+
+    for phase in phases:
+        place(phase)
+    return ordered
 
 
 def calibration_jobs(runs: Sequence[WorkloadRun], per_arm: int) -> list[GenerationJob]:
