@@ -136,6 +136,15 @@ async def cache_answers_after(url: str, n: int) -> tuple[list[str], list[int]]:
     return [by_source[source_id(i)][0] for i in range(n)], [by_source[source_id(i)][1] for i in range(n)]
 
 
+def cache_verdicts(run: WorkloadRun, answers: list[str], verdicts: VerdictCache) -> list[bool | None]:
+    """Each cache entry's answer right or not; None where the task verifier cannot tell (MBPP asked in
+    another language has no tests)."""
+    workload = run.workload
+    return [verdicts.verify(item, answer, workload.verifier).passed
+            if item.answer is not None or item.tests else None
+            for item, answer in zip(workload.cache, answers, strict=True)]
+
+
 def traffic_quality(run: WorkloadRun, verdicts: VerdictCache) -> dict[str, float]:
     """Small + nearest examples on the traffic (repeats included): accuracy and win rate vs large."""
     passed, outcomes = [], []
@@ -170,8 +179,7 @@ def main() -> None:
     workload = load_workload(args.workload, settings.model_cache_dir, n_cache=args.n_cache,
                              n_traffic=args.n_traffic, seed=args.seed)
     run = WorkloadRun.build(workload, settings, cache, default_embedder(settings), k=args.examples, seed=args.seed)
-    before_cache = [verdicts.verify(item, e.response, workload.verifier).passed
-                    for item, e in zip(workload.cache, run.examples(), strict=True)]
+    before_cache = cache_verdicts(run, [e.response for e in run.examples()], verdicts)
     before = traffic_quality(run, verdicts)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,8 +199,7 @@ def main() -> None:
         answers, versions = asyncio.run(cache_answers_after(url, len(workload.cache)))
 
     upgraded = run.with_cache_answers(answers)
-    after_cache = [verdicts.verify(item, answer, workload.verifier).passed
-                   for item, answer in zip(workload.cache, answers, strict=True)]
+    after_cache = cache_verdicts(run, answers, verdicts)
     jobs = [upgraded.job(item, upgraded.arms.nearest(item.id)) for item in workload.unique_traffic]
     started = time.monotonic()
     regenerated = generate_missing(jobs, settings, cache, description=f"{workload.name}: small + replayed examples")
@@ -203,7 +210,9 @@ def main() -> None:
         "workload": workload.name, "n_cache": len(workload.cache), "traffic": len(workload.traffic),
         "distinct_traffic": len(workload.unique_traffic), "k": args.examples, "samples": args.samples,
         "history": seeded, "judge_tests": args.judge_tests, "entries_with_reference": judged_entries,
-        "cache_right_before": sum(before_cache), "cache_right_after": sum(after_cache),
+        "cache_verifiable": sum(v is not None for v in before_cache),
+        "cache_right_before": sum(v is True for v in before_cache),
+        "cache_right_after": sum(v is True for v in after_cache),
         "entries_replaced": sum(v > 1 for v in versions),
         "traffic_using_replaced_entries": sum(
             any(versions[i] > 1 for i in run.arms.nearest(item.id).examples) for item in workload.traffic),
