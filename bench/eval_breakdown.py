@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from echolm.evaluation.evaluate import eval_settings  # noqa: E402
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache  # noqa: E402
 from echolm.evaluation.harness import WorkloadRun, default_embedder  # noqa: E402
-from echolm.evaluation.quality import VerdictCache  # noqa: E402
+from echolm.evaluation.quality import VerdictCache, verifiable  # noqa: E402
 from echolm.evaluation.workload import load_workload  # noqa: E402
 from echolm.settings import Settings  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> None:
     run = WorkloadRun.build(workload, settings, cache, default_embedder(settings), k=args.examples, seed=args.seed)
     cached_right = {item.group: verdicts.verify(item, example.response, workload.verifier).passed
                     for item, example in zip(workload.cache, run.examples(), strict=True)
-                    if item.answer is not None or item.tests}
+                    if verifiable(item)}
 
     def right(item, arm) -> bool:  # type: ignore[no-untyped-def]
         return verdicts.verify(item, run.generation(item, arm).text, workload.verifier).passed

@@ -27,13 +27,18 @@ def eval_command(
     cache_dir: Annotated[Path | None, typer.Option(help="generation and verdict cache "
                                                    "(default ~/.cache/echolm/eval)")] = None,
     phases: Annotated[str, typer.Option(help="generation phases to run, in priority order")] =
-        "cache,large,small,nearest,random,cache-size,selected,calibrate",
+        "cache,large,small,nearest,random,cache-size,selected,replay,calibrate",
     generate: Annotated[bool, typer.Option(help="generate what is missing (--no-generate: report from the cache)")] = True,
     max_minutes: Annotated[float | None, typer.Option(help="stop starting new phases after this many minutes")] = None,
     threads: Annotated[int, typer.Option(help="llama.cpp threads for the answer generations (0: the tiers' own; "
                                          "costs are calibrated with the tiers' own either way)")] = 1,
     validate: Annotated[int, typer.Option(help="also serve this many requests through the real pipeline to check "
                                           "the cost model (0: skip)")] = 0,
+    replay_samples: Annotated[int, typer.Option(help="phase replay: answers the large tier samples per replayed "
+                                                "cache entry (the task verifier keeps the best)")] = 10,
+    prefix_credit: Annotated[bool, typer.Option(help="credit the llama.cpp tiers' prefix caches (TierSettings."
+                                                "prefix_cache_mb) in the cost model: prompt tokens shared with an "
+                                                "earlier request of the same tier are not prefilled again")] = True,
     out_dir: Annotated[Path, typer.Option(help="results.json and results.md")] = Path("out/eval"),
     figures_dir: Annotated[Path, typer.Option(help="PNG figures")] = Path("docs/figures"),
     docs: Annotated[Path | None, typer.Option(help="markdown file whose results section is rewritten "
@@ -61,7 +66,9 @@ def eval_command(
         workloads=[w.strip() for w in workloads.split(",") if w.strip()], jsonl=jsonl, n_cache=n_cache,
         n_traffic=n_traffic, k=examples, seed=seed, limit=limit, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
         phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
-        generation_threads=threads or None, validate=validate, out_dir=out_dir, figures_dir=figures_dir,
+        generation_threads=threads or None, validate=validate, prefix_credit=prefix_credit,
+        replay_samples=replay_samples, out_dir=out_dir,
+        figures_dir=figures_dir,
         docs=None if docs is None or str(docs) in ("", ".") else docs, progress=progress,  # Path("") is "."
     )
     results = run_evaluation(config, base)

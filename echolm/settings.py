@@ -33,6 +33,12 @@ class TierSettings(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0, description="hard limit for one generation call")
     n_ctx: int = Field(default=4096, ge=256, description="context window (llama.cpp)")
     n_threads: int | None = Field(default=None, description="llama.cpp CPU threads (None: all cores)")
+    prefix_cache_mb: int = Field(
+        default=256, ge=0,
+        description="llama.cpp: memory for earlier prompts' KV states, so a prompt that starts like one "
+                    "(same system prompt and examples) prefills only the rest; 0 turns prompt reuse off, "
+                    "even of the previous prompt (every prompt prefilled in full)",
+    )
     base_url: str | None = Field(default=None, description="OpenAI-compatible server URL (backend=openai)")
     use_examples: bool = Field(default=True, description="prepend retrieved examples when routed here")
     simulated_latency_s: float = Field(default=0.0, ge=0, description="echo backend only: delay per request")

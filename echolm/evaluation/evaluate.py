@@ -18,20 +18,25 @@ from typing import Any
 
 from echolm.evaluation.efficiency import CostModel, CostSample, ValidationPoint, fit_cost_model
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs
-from echolm.evaluation.harness import PHASES, WorkloadRun, calibration_jobs, default_embedder, run_phases
+from echolm.evaluation.harness import PHASES, REPLAYED_ARM, WorkloadRun, calibration_jobs, default_embedder, run_phases
+from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
 from echolm.evaluation.quality import VerdictCache
+from echolm.evaluation.replay_phase import ReplayOutcome, ReplayStore, stored_or_replayed
 from echolm.evaluation.stage2 import learned_selections
 from echolm.evaluation.report import (
     ALWAYS_LARGE,
     ECHOLM_COLD,
     ECHOLM_FULL,
     ECHOLM_LEARNED,
+    ECHOLM_REPLAY,
     ECHOLM_REUSE,
     ECHOLM_SIMILARITY,
     ROUTELLM,
     SEMANTIC_CACHE,
+    SEMANTIC_CACHE_REPLAYED,
     SMALL_LEARNED,
     SMALL_NEAREST,
+    SMALL_REPLAYED,
     SystemPoint,
     WorkloadScorer,
     cache_size_points,
@@ -51,7 +56,7 @@ log = logging.getLogger(__name__)
 RESULTS_BEGIN = "<!-- results:begin -->"
 RESULTS_END = "<!-- results:end -->"
 LATENCY_LOADS = (0.5, 0.9, 1.2)
-TOKEN_ARMS = ("large", "small", "small+nearest", "small+random", "small+selected", "small+learned")
+TOKEN_ARMS = ("large", "small", "small+nearest", "small+random", "small+selected", "small+learned", REPLAYED_ARM)
 
 
 @dataclass
@@ -74,22 +79,31 @@ class EvalConfig:
     calibrate_per_arm: int = 3
     calibrate_repeats: int = 2
     validate: int = 0
+    prefix_credit: bool = True
+    replay_samples: int = 10
     out_dir: Path = Path("out/eval")
     figures_dir: Path | None = Path("docs/figures")
     docs: Path | None = Path("docs/evaluation.md")
     progress: bool = True
 
 
-def eval_settings(base: Settings, timeout_s: float, threads: int | None = None) -> Settings:
+def eval_settings(base: Settings, timeout_s: float, threads: int | None = None, *,
+                  prompt_reuse: bool = False) -> Settings:
     """The configured tiers with a generous per-call timeout (a generation slowed by a busy machine must
     finish: a timeout here is a lost answer, not a served request) and, if given, a thread count.
+
+    Without ``prompt_reuse`` every prompt is prefilled in full (``prefix_cache_mb`` 0), so measured
+    seconds are each request's own; what a prefix cache saves is credited by the cost model
+    (``echolm.evaluation.prefix_reuse``). The real-pipeline check (``--validate``) runs with reuse on.
 
     Answers are generated with one thread by default: on a machine shared with other jobs, llama.cpp with
     as many threads as cores stalls at every synchronisation point (measured here: 6 s -> 127 s for one
     answer). Costs are then measured separately with the serving thread count (phase ``calibrate``)."""
     tiers = []
     for tier in base.tiers:
-        update = {"timeout_s": max(tier.timeout_s, timeout_s)}
+        update: dict[str, Any] = {"timeout_s": max(tier.timeout_s, timeout_s)}
+        if not prompt_reuse:
+            update["prefix_cache_mb"] = 0
         if threads is not None:
             update["n_threads"] = threads
         tiers.append(tier.model_copy(update=update))
@@ -122,6 +136,21 @@ def measured_costs(cache: GenerationCache, serving: Settings, overhead_s: float)
             f"the generation runs' own timings ({len(samples)} generations; no calibration yet)")
 
 
+def prefix_credit(serving: Settings) -> PrefixCredit | None:
+    """The serving tiers' prefix caches, replayed by the scorer (None when no tier has one)."""
+    from echolm.assets import resolve_model
+    from echolm.generation.llamacpp import LlamaCppPromptTokenizer
+
+    tiers = {}
+    for tier in serving.tiers:
+        if tier.backend != "llamacpp" or tier.prefix_cache_mb == 0:
+            continue
+        tokenizer = LlamaCppPromptTokenizer(resolve_model(tier.model, serving.model_cache_dir))
+        tiers[tier.name] = TierPrefixCache(tier.prefix_cache_mb << 20, KvFootprint.from_gguf_metadata(tokenizer.metadata),
+                                           tokenizer.prompt_tokens)
+    return PrefixCredit(tiers) if tiers else None
+
+
 def _stage2_selector(settings: Settings, k: int) -> Any:
     """Stage 2 (``echolm.selection.ExampleSelector``) when the module is there, else None.
 
@@ -148,11 +177,12 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
     """Generate (unless ``config.generate`` is off), score, plot and report; returns the figures."""
     base = base or Settings()
     settings = eval_settings(base, config.generation_timeout_s, config.generation_threads)
-    serving = eval_settings(base, config.generation_timeout_s)
+    serving = eval_settings(base, config.generation_timeout_s, prompt_reuse=True)
     cache = GenerationCache(config.cache_dir)
     verdicts = VerdictCache(config.cache_dir)
     embedder = default_embedder(settings)
     selector = _stage2_selector(settings, config.k)
+    replays = ReplayStore(config.cache_dir)
     runs = []
     for workload in _workloads(config, settings):
         run = WorkloadRun.build(workload, settings, cache, embedder, k=config.k, seed=config.seed)
@@ -160,6 +190,8 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         run.learned_selector = partial(learned_selections, verdicts=verdicts,
                                        threshold=settings.learning.selection_threshold, max_count=config.k,
                                        seed=config.seed)
+        run.replayer = partial(stored_or_replayed, store=replays, settings=settings, verdicts=verdicts,
+                               samples=config.replay_samples, progress=config.progress)
         runs.append(run)
     started = time.monotonic()
     if config.generate:
@@ -167,7 +199,8 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         done = run_phases(runs, settings, cache, phases=config.phases, deadline=deadline, progress=config.progress)
         if "calibrate" in config.phases and (deadline is None or time.monotonic() < deadline) \
                 and len(done) == len([p for p in config.phases if p != "calibrate"]):
-            calibrate_costs(calibration_jobs(runs, config.calibrate_per_arm), serving, cache,
+            calibrate_costs(calibration_jobs(runs, config.calibrate_per_arm),
+                            eval_settings(base, config.generation_timeout_s), cache,
                             repeats=config.calibrate_repeats, progress=config.progress)
     generation_wall_s = time.monotonic() - started
 
@@ -181,15 +214,20 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
     sections = []
     pareto: dict[str, dict[str, list[SystemPoint]]] = {}
     sizes: dict[str, list[tuple[int, SystemPoint]]] = {}
+    credit = prefix_credit(serving) if config.prefix_credit else None
+    results["prefix_credit"] = {name: {"capacity_mb": t.capacity_bytes >> 20, "kv_bytes_per_token": t.footprint.bytes_per_token}
+                                for name, t in (credit.tiers.items() if credit else [])}
+    scorers = []
     for run in runs:
-        scorer = WorkloadScorer(run, verdicts, costs)
+        scorer = WorkloadScorer(run, verdicts, costs, credit)
+        scorers.append(scorer)
         systems = evaluate_workload(scorer)
         pareto[run.workload.name] = systems
         sizes[run.workload.name] = cache_size_points(scorer)
         results["workloads"][run.workload.name] = workload_summary(run, systems, sizes[run.workload.name])
         sections.append(workload_section(run, scorer, systems, sizes[run.workload.name]))
     if config.validate > 0:
-        results["validation"] = [vars_of(v) for v in _validate(config, serving, runs, costs, pareto)]
+        results["validation"] = [vars_of(v) for v in _validate(config, serving, runs[0], scorers[0], pareto)]
         results["validation_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     else:
         # A report-only re-run keeps the last real-pipeline check (it takes minutes of generation).
@@ -212,14 +250,15 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
     return results
 
 
-def _validate(config: EvalConfig, settings: Settings, runs: list[WorkloadRun], costs: CostModel,
+def _validate(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: WorkloadScorer,
               pareto: dict[str, dict[str, list[SystemPoint]]]) -> list[ValidationPoint]:
+    """The first ``config.validate`` traffic requests in arrival order (repeats included, so the tiers'
+    prefix caches see what they would), through the real pipeline."""
     from echolm.evaluation.systems import Choice
     from echolm.evaluation.validation import validate_system
 
-    run = runs[0]
-    items = run.workload.unique_traffic[:config.validate]
-    points = [validate_system(settings, run, costs, ALWAYS_LARGE, {i.id: Choice(arm="large") for i in items}, items,
+    items = run.workload.traffic[:config.validate]
+    points = [validate_system(settings, scorer, ALWAYS_LARGE, {i.id: Choice(arm="large") for i in items}, items,
                               config.out_dir / "validation", policy="always-large", threshold=None)]
     if run.workload.name in pareto and ECHOLM_SIMILARITY in pareto[run.workload.name]:
         # A threshold that offloads about half of these requests: the cost model has to predict a mix of
@@ -228,7 +267,7 @@ def _validate(config: EvalConfig, settings: Settings, runs: list[WorkloadRun], c
         threshold = sims[len(sims) // 2]
         choices = {i.id: Choice(arm="small+nearest") if run.table.best(i.id)[1] >= threshold else Choice(arm="large")
                    for i in items}
-        points.append(validate_system(settings, run, costs, ECHOLM_SIMILARITY, choices, items,
+        points.append(validate_system(settings, scorer, ECHOLM_SIMILARITY, choices, items,
                                       config.out_dir / "validation", policy="similarity", threshold=threshold))
     return points
 
@@ -294,11 +333,14 @@ def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
     learned = systems.get(SMALL_LEARNED)
     if small and learned:
         targets["small_win_rate_lift_points (trained stage 2 examples)"] = 100 * (learned[0].win_rate - small[0].win_rate)
-    for name in (ECHOLM_SIMILARITY, ECHOLM_LEARNED, ECHOLM_COLD, ECHOLM_FULL, ECHOLM_REUSE):
+    replayed = systems.get(SMALL_REPLAYED)
+    if small and replayed:
+        targets["small_win_rate_lift_points (replayed cache)"] = 100 * (replayed[0].win_rate - small[0].win_rate)
+    for name in (ECHOLM_SIMILARITY, ECHOLM_LEARNED, ECHOLM_COLD, ECHOLM_FULL, ECHOLM_REUSE, ECHOLM_REPLAY):
         if name in systems:
             best = throughput_at_win_rate(systems[name], 0.5)
             targets[f"{name}: throughput at win rate >= 0.5"] = best.throughput_ratio if best else None
-            for other in (SEMANTIC_CACHE, ROUTELLM):
+            for other in (SEMANTIC_CACHE, SEMANTIC_CACHE_REPLAYED, ROUTELLM):
                 if other in systems:
                     met, total = dominance(systems[name], systems[other])
                     targets[f"{name} matches or beats {other} frontier points"] = f"{met}/{total}"
@@ -319,6 +361,9 @@ def workload_section(run: WorkloadRun, scorer: WorkloadScorer, systems: dict[str
              tokens_table(scorer, TOKEN_ARMS), "",
              "**Latency at fixed loads** (derived: FIFO single-server queue, Poisson arrivals, service times = "
              "the system's modelled per-request costs):", "", latency_table(systems, LATENCY_LOADS), ""]
+    outcome = run.replay_outcome()
+    if outcome is not None:
+        lines += [replay_paragraph(run, outcome), ""]
     if sizes:
         lines += ["**Cache size** (stage 1, small model + nearest examples, always offloaded):", "",
                   "| cache entries | share of cache part | accuracy | win rate vs large |", "|---|---|---|---|"]
@@ -326,6 +371,20 @@ def workload_section(run: WorkloadRun, scorer: WorkloadScorer, systems: dict[str
             lines.append(f"| {size} | {100 * size / len(w.cache):.1f}% | {100 * p.accuracy:.1f}% | {p.win_rate:.3f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def replay_paragraph(run: WorkloadRun, outcome: ReplayOutcome) -> str:
+    """What the replay phase did to the cache (its answers are served by the ``small+replayed`` arm)."""
+    summary = outcome.summary
+    verifiable = sum(v is not None for v in outcome.right_before)
+    using = sum(any(outcome.versions[i] > 1 for i in run.arms.nearest(item.id).examples) for item in run.workload.traffic)
+    return (f"**Replay** (phase `replay`: the replay agent on the small tier's served answers with verifier feedback, "
+            f"best of {outcome.samples} large-tier samples at temperature 0.7 per replayed entry, judged against each "
+            f"cache entry's own reference): {summary.get('replayed', 0)} entries replayed, {len(outcome.replaced)} "
+            f"replaced; cache answers right {sum(v is True for v in outcome.right_before)} -> "
+            f"{sum(v is True for v in outcome.right_after)} of {verifiable} verifiable; {using} of "
+            f"{len(run.workload.traffic)} requests have a replaced entry among their examples. The replay took "
+            f"{outcome.seconds:.0f} s of the large tier, in idle time: not counted in any system's throughput.")
 
 
 def render_results(results: dict[str, Any], sections: list[str], costs: CostModel) -> str:
@@ -341,6 +400,17 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
                      f"{100 * model.median_abs_rel_error:.0f}% |")
     lines += ["", f"Retrieval overhead (MiniLM embedding, measured here): {1000 * costs.retrieval_overhead_s:.0f} ms "
               "per request.", ""]
+    credit = results.get("prefix_credit")
+    if credit:
+        tiers = ", ".join(f"{name} {c['capacity_mb']} MB ({c['kv_bytes_per_token']:,} B of KV state per token)"
+                          for name, c in credit.items())
+        lines += [f"Prefix caches credited (`prefix_cache_mb`; `--no-prefix-credit` turns this off): {tiers}. Each "
+                  "system's requests are replayed in arrival order through each tier's cache (least recently used "
+                  "states dropped beyond the budget); prompt tokens shared with a kept earlier prompt of the same "
+                  "tier are not charged prefill. Always-large gets the same credit. Measured timings are taken with "
+                  "reuse off, so the fitted prefill rate is the full one.", ""]
+    else:
+        lines += ["No prefix cache credited: every prompt token is charged prefill.", ""]
     if results.get("validation"):
         lines += ["#### Cost model vs the real pipeline at saturation", "",
                   f"Measured {results.get('validation_at', '')} with `--validate`; the EchoLM run uses a similarity "

@@ -10,7 +10,9 @@ early (or given a ``--max-minutes`` budget) still has the most important arms fo
 5. ``selected``: stage 2's selection at cold start (similarity), when ``echolm.selection`` provides one;
 6. ``learned``: stage 2 with a helpfulness proxy trained on the outcomes of phases 3
    (``echolm.evaluation.stage2``); most of its prompts equal an earlier arm's and cost nothing;
-7. ``calibrate``: a few requests of each main arm timed again with the serving thread count (the cost
+7. ``replay``: the replay agent upgrades cache entries on the traffic's verifier feedback, then the small
+   tier serves the traffic with the upgraded nearest examples (``echolm.evaluation.replay_phase``);
+8. ``calibrate``: a few requests of each main arm timed again with the serving thread count (the cost
    model's input; see ``echolm.evaluation.efficiency``).
 
 Every generation lands in the ``GenerationCache`` first, so phases already done cost nothing on a re-run.
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,16 +34,20 @@ from echolm.domain import Example
 from echolm.evaluation.generation_cache import CachedGeneration, GenerationCache, GenerationJob, generate_missing
 from echolm.evaluation.systems import Arm, ArmFactory, SimilarityTable, cache_examples, job_for
 from echolm.evaluation.workload import Workload
+
+if TYPE_CHECKING:
+    from echolm.evaluation.replay_phase import ReplayOutcome
 from echolm.protocols import Embedder
 from echolm.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected", "learned", "calibrate")
+PHASES = ("cache", "large", "small", "nearest", "random", "cache-size", "selected", "learned", "replay", "calibrate")
 # The phases whose generations a phase's jobs are built from (the cache part's answers are the examples;
 # trained stage 2 learns from the nearest and random arms' outcomes).
 PHASE_NEEDS = {"nearest": ("cache",), "random": ("cache",), "selected": ("cache",), "cache-size": ("cache",),
-               "learned": ("cache", "nearest", "random")}
+               "learned": ("cache", "nearest", "random"), "replay": ("cache", "nearest")}
+REPLAYED_ARM = "small+replayed"
 CALIBRATION_ARMS = ("large", "small", "small+nearest")
 # Cache sizes of the sweep, as fractions of the cache part, in the order they are generated.
 CACHE_SIZE_FRACTIONS = (0.5, 0.1, 0.25, 0.01)
@@ -77,7 +84,11 @@ class WorkloadRun:
     # Stage 2 with a trained proxy: computes every request's kept cache indices from the outcomes of
     # earlier arms (raises MissingGenerations until they exist); see echolm.evaluation.stage2.
     learned_selector: Callable[[WorkloadRun], dict[str, tuple[int, ...]]] | None = None
+    # The replay phase: (run, generate) -> the stored replay outcome, replaying first when ``generate``
+    # (None when there is none); see echolm.evaluation.replay_phase.stored_or_replayed.
+    replayer: Callable[[WorkloadRun, bool], ReplayOutcome | None] | None = None
     _examples: list[Example] | None = field(default=None, init=False)
+    _replay: ReplayOutcome | None = field(default=None, init=False)
     _learned: dict[str, tuple[int, ...]] | None = field(default=None, init=False)
 
     @classmethod
@@ -111,7 +122,9 @@ class WorkloadRun:
         return ArmFactory(self.table, len(self.workload.cache), self.k, self.seed)
 
     def job(self, item: TaskItem, arm: Arm, *, as_cache_entry: bool = False) -> GenerationJob:
-        examples = self.examples() if arm.examples else []
+        examples = []
+        if arm.examples:
+            examples = self.replayed_examples() if arm.name == REPLAYED_ARM else self.examples()
         row_item = item
         if as_cache_entry:
             row_item = TaskItem(f"cache:{item.id}", item.group, item.prompt, item.reference, item.answer, item.tests,
@@ -136,6 +149,19 @@ class WorkloadRun:
                                             self.models["large"])
         return self._examples
 
+    def replay_outcome(self, *, generate: bool = False) -> ReplayOutcome | None:
+        """The replay phase's outcome (replayed now if ``generate`` and none is stored), or None."""
+        if self._replay is None and self.replayer is not None:
+            self._replay = self.replayer(self, generate)
+        return self._replay
+
+    def replayed_examples(self) -> list[Example]:
+        """The example cache after the replay phase (raises ``MissingGenerations`` before it)."""
+        outcome = self.replay_outcome()
+        if outcome is None:
+            raise MissingGenerations(f"{self.workload.name}: the cache is not replayed yet (phase replay)")
+        return cache_examples(self.workload.cache, outcome.answers, self.models["large"])
+
     def with_cache_answers(self, responses: Sequence[str]) -> WorkloadRun:
         """The same run with the example cache holding ``responses`` instead of the cache phase's answers
         (the cache after a replay, say); its jobs, and so their generation-cache keys, follow."""
@@ -158,6 +184,8 @@ class WorkloadRun:
             return factory.nearest(item.id, int(arm_name.rsplit("@", 1)[1]))
         if arm_name == "small+random":
             return factory.random(item.id)
+        if arm_name == REPLAYED_ARM:
+            return replace(factory.nearest(item.id), name=REPLAYED_ARM)
         if arm_name == "small+selected":
             if self.selector is None:
                 raise MissingGenerations("no stage 2 selector is available")
@@ -184,6 +212,8 @@ class WorkloadRun:
             return ["small+selected"] if self.selector is not None else []
         if phase == "learned":
             return ["small+learned"] if self.learned_selector is not None else []
+        if phase == "replay":
+            return [REPLAYED_ARM] if self.replayer is not None else []
         raise ValueError(f"unknown phase {phase!r}")
 
     def phase_jobs(self, phase: str) -> list[GenerationJob]:
@@ -218,6 +248,8 @@ def run_phases(runs: Sequence[WorkloadRun], settings: Settings, cache: Generatio
                 log.warning("time budget spent: stopping before phase %s of %s", phase, run.workload.name)
                 return done
             try:
+                if phase == "replay":
+                    run.replay_outcome(generate=True)
                 jobs = run.phase_jobs(phase)
             except MissingGenerations as exc:
                 needs = ", ".join(PHASE_NEEDS.get(phase, ()))

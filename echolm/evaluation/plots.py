@@ -21,13 +21,16 @@ from echolm.evaluation.report import (  # noqa: E402
     ECHOLM_COLD,
     ECHOLM_FULL,
     ECHOLM_LEARNED,
+    ECHOLM_REPLAY,
     ECHOLM_REUSE,
     ECHOLM_SIMILARITY,
     ROUTELLM,
     SEMANTIC_CACHE,
+    SEMANTIC_CACHE_REPLAYED,
     SMALL_NEAREST,
     SMALL_RANDOM,
     SMALL_LEARNED,
+    SMALL_REPLAYED,
     SMALL_SELECTED,
     SystemPoint,
     frontier,
@@ -47,6 +50,9 @@ STYLE: dict[str, dict[str, object]] = {
     ECHOLM_REUSE: {"color": "darkgreen", "marker": "*"},
     SEMANTIC_CACHE: {"color": "tab:orange", "marker": "^"},
     ROUTELLM: {"color": "tab:brown", "marker": "P"},
+    SMALL_REPLAYED: {"color": "navy", "marker": "D"},
+    ECHOLM_REPLAY: {"color": "navy", "marker": "o"},
+    SEMANTIC_CACHE_REPLAYED: {"color": "goldenrod", "marker": "^"},
 }
 
 

@@ -35,6 +35,11 @@ TEST_MEMORY_MB = 512
 _OUTCOME_SCORE = {"win": 1.0, "tie": 0.0, "loss": -1.0}
 
 
+def verifiable(item: TaskItem) -> bool:
+    """Whether a task verifier can check answers to ``item`` (MBPP asked in another language has no tests)."""
+    return item.answer is not None or bool(item.tests)
+
+
 def verify(item: TaskItem, answer: str, verifier: str) -> Verdict:
     """Check ``answer`` with the workload's verifier ("numeric", "program-output" or "python-tests")."""
     if verifier in ("numeric", "program-output"):

@@ -11,13 +11,15 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from echolm.datasets import TaskItem
 from echolm.evaluation.efficiency import CostModel, latency_percentiles, saturation_throughput
-from echolm.evaluation.harness import MissingGenerations, WorkloadRun
+from echolm.evaluation.generation_cache import GenerationJob
+from echolm.evaluation.harness import REPLAYED_ARM, MissingGenerations, WorkloadRun
+from echolm.evaluation.prefix_reuse import PrefixCredit
 from echolm.evaluation.quality import VerdictCache, pass_fail_outcome, wilson_interval, win_rate_of
 from echolm.evaluation.systems import Choice, similarity_weighted_scores, sweep_thresholds, threshold_choices
 
@@ -33,6 +35,9 @@ SMALL_LEARNED = "small + stage 2 examples (trained proxy)"
 ECHOLM_FULL = "EchoLM (stage 2 + bandit router)"
 ECHOLM_REUSE = "EchoLM + verbatim reuse of repeats"
 SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
+SMALL_REPLAYED = "small + nearest examples, replayed cache"
+ECHOLM_REPLAY = "EchoLM with replay (stage 1 + similarity router)"
+SEMANTIC_CACHE_REPLAYED = "semantic cache on the replayed cache"
 ROUTELLM = "RouteLLM-style router (no examples)"
 TARGET_WIN_RATE = 0.5
 # ECHOLM_REUSE_MIN_SIMILARITY settings tried: bars high enough that only repeats pass.
@@ -77,19 +82,32 @@ class SystemPoint:
     tokens: dict[str, dict[str, float]] = field(default_factory=dict)
     service_times: list[float] = field(default_factory=list, repr=False)
 
+    @property
+    def prefill_reused_share(self) -> float:
+        """Share of the prompt tokens sent to the models that their prefix caches spared."""
+        tiers = [t for t in self.tokens.values()]
+        prefill = sum(t["prefill"] * t["requests"] for t in tiers)
+        reused = sum(t.get("prefill_reused", 0.0) * t["requests"] for t in tiers)
+        return reused / prefill if prefill else 0.0
+
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
         data.pop("service_times")
+        data["prefill_reused_share"] = self.prefill_reused_share
         return data
 
 
 class WorkloadScorer:
     """Per-request results of one workload from its generations, verdicts and the cost model."""
 
-    def __init__(self, run: WorkloadRun, verdicts: VerdictCache, costs: CostModel) -> None:
+    def __init__(self, run: WorkloadRun, verdicts: VerdictCache, costs: CostModel,
+                 prefix: PrefixCredit | None = None) -> None:
         self.run = run
         self.verdicts = verdicts
         self.costs = costs
+        self.prefix = prefix
+        self._large_cost_s: float | None = None
+        self._jobs: dict[tuple[str, str], GenerationJob] = {}
         self.items = {item.id: item for item in run.workload.unique_traffic}
         self.counts = Counter(item.id for item in run.workload.traffic)
         self._memo: dict[tuple[str, str], RequestResult] = {}
@@ -105,11 +123,12 @@ class WorkloadScorer:
                                             generated.completion_tokens, generated.latency_s, cost, len(arm.examples))
         return self._memo[key]
 
-    def cached_result(self, item: TaskItem, index: int) -> RequestResult:
-        """The semantic cache returning cache entry ``index``'s large-model answer verbatim."""
-        key = (item.id, f"cache#{index}")
+    def cached_result(self, item: TaskItem, index: int, replayed: bool = False) -> RequestResult:
+        """The semantic cache returning cache entry ``index``'s answer verbatim (as replayed, if ``replayed``)."""
+        key = (item.id, f"cache#{index}" + ("/replayed" if replayed else ""))
         if key not in self._memo:
-            answer = self.run.examples()[index].response
+            entries = self.run.replayed_examples() if replayed else self.run.examples()
+            answer = entries[index].response
             verdict = self.verdicts.verify(item, answer, self.run.workload.verifier)
             overhead = self.costs.retrieval_overhead_s
             self._memo[key] = RequestResult(item.id, key[1], "cache", verdict.passed, 0, 0, overhead, overhead)
@@ -117,7 +136,7 @@ class WorkloadScorer:
 
     def result(self, item: TaskItem, choice: Choice) -> RequestResult:
         if choice.cached_index is not None:
-            return self.cached_result(item, choice.cached_index)
+            return self.cached_result(item, choice.cached_index, choice.replayed_cache)
         assert choice.arm is not None
         return self.arm_result(item, choice.arm)
 
@@ -129,33 +148,66 @@ class WorkloadScorer:
             return False
         return True
 
+    def served(self, choices: dict[str, Choice], items: Sequence[TaskItem] | None = None,
+               ) -> list[tuple[TaskItem, RequestResult, float, int]]:
+        """``items`` (default: the whole traffic, repeats included) served in order, each with its result,
+        its modelled seconds and the prompt tokens its tier's prefix cache spared (``PrefixCredit``; 0
+        without one)."""
+        if self.prefix is not None:
+            self.prefix.start()
+        served = []
+        for item in self.run.workload.traffic if items is None else items:
+            result = self.result(item, choices[item.id])
+            cost, reused = result.cost_s, 0
+            if self.prefix is not None and result.tier != "cache":
+                job = self._job(item, result.arm)
+                reused = self.prefix.reused(result.tier, job.key, job.messages, result.completion_tokens)
+                if reused:
+                    cost = self.costs.seconds(result.tier, max(1, result.prompt_tokens - reused),
+                                              result.completion_tokens)
+            served.append((item, result, cost, reused))
+        return served
+
+    def _job(self, item: TaskItem, arm_name: str) -> GenerationJob:
+        key = (item.id, arm_name)
+        if key not in self._jobs:
+            self._jobs[key] = self.run.job(item, self.run.arm_for(item, arm_name))
+        return self._jobs[key]
+
+    def large_cost_s(self) -> float:
+        """Always-large's modelled seconds over the traffic: every system's throughput is relative to it."""
+        if self._large_cost_s is None:
+            self._large_cost_s = sum(cost for _, _, cost, _ in self.served({r: Choice(arm="large") for r in self.items}))
+        return self._large_cost_s
+
     def evaluate(self, system: str, choices: dict[str, Choice], *, knob: str = "", knob_value: float | None = None,
                  uses_retrieval: bool = True) -> SystemPoint:
-        large_total = sum(self.arm_result(self.items[r], "large").cost_s * n for r, n in self.counts.items())
+        large_total = self.large_cost_s()
         large_measured = sum(self.arm_result(self.items[r], "large").measured_s * n for r, n in self.counts.items())
         overhead = self.costs.retrieval_overhead_s if uses_retrieval else 0.0
         outcomes, passed, service, measured = [], [], [], []
         tokens: dict[str, dict[str, float]] = {}
         small = hits = 0
-        for item in self.run.workload.traffic:
-            result = self.result(item, choices[item.id])
+        for item, result, cost, reused in self.served(choices):
             large = self.arm_result(item, "large")
             outcomes.append(pass_fail_outcome(result.passed, large.passed))
             passed.append(result.passed)
             extra = overhead if result.tier != "cache" else 0.0
-            service.append(result.cost_s + extra)
+            service.append(cost + extra)
             measured.append(result.measured_s + extra)
             small += result.tier == "small"
             hits += result.tier == "cache"
-            per_tier = tokens.setdefault(result.tier, {"requests": 0, "prefill": 0.0, "decode": 0.0})
+            per_tier = tokens.setdefault(result.tier, {"requests": 0, "prefill": 0.0, "prefill_reused": 0.0,
+                                                       "decode": 0.0})
             per_tier["requests"] += 1
             per_tier["prefill"] += result.prompt_tokens
+            per_tier["prefill_reused"] += reused
             per_tier["decode"] += result.completion_tokens
         n = len(outcomes)
         counts = Counter(outcomes)
         for per_tier in tokens.values():
-            per_tier["prefill"] /= per_tier["requests"]
-            per_tier["decode"] /= per_tier["requests"]
+            for key in ("prefill", "prefill_reused", "decode"):
+                per_tier[key] /= per_tier["requests"]
         return SystemPoint(
             workload=self.run.workload.name, system=system, knob=knob, knob_value=knob_value, requests=n,
             accuracy=sum(passed) / n, win_rate=win_rate_of(outcomes), wins=counts["win"], ties=counts["tie"],
@@ -279,6 +331,13 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
                                              Choice(arm="large"))
     systems[SEMANTIC_CACHE] = _router_sweep(scorer, SEMANTIC_CACHE, "similarity >=", similarity, hits,
                                             Choice(arm="large"))
+    if scorer.available(REPLAYED_ARM):
+        systems[SMALL_REPLAYED] = [_fixed(scorer, SMALL_REPLAYED, REPLAYED_ARM, True)]
+        systems[ECHOLM_REPLAY] = _router_sweep(scorer, ECHOLM_REPLAY, "best example similarity >=", similarity,
+                                               Choice(arm=REPLAYED_ARM), Choice(arm="large"))
+        replayed_hits = {rid: replace(choice, replayed_cache=True) for rid, choice in hits.items()}
+        systems[SEMANTIC_CACHE_REPLAYED] = _router_sweep(scorer, SEMANTIC_CACHE_REPLAYED, "similarity >=", similarity,
+                                                         replayed_hits, Choice(arm="large"))
     return systems
 
 
@@ -358,14 +417,14 @@ def _ci(p: float, n: int) -> str:
 
 def systems_table(systems: dict[str, list[SystemPoint]], n_unique: int) -> str:
     rows = ["| system | knob at operating point | accuracy | win rate vs large (95% CI) | W/T/L | throughput vs "
-            "always-large (cost model / generation-run timings) | to small | cache hits |",
-            "|---|---|---|---|---|---|---|---|"]
+            "always-large (cost model / generation-run timings) | to small | cache hits | prefill reused |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, points in systems.items():
         p = operating_point(points)
         knob = f"{p.knob} {p.knob_value:.3f}" if p.knob_value is not None else "-"
         rows.append(f"| {name} | {knob} | {_pct(p.accuracy)} | {p.win_rate:.3f} {_ci(p.win_rate, p.requests)} | "
                     f"{p.wins}/{p.ties}/{p.losses} | {p.throughput_ratio:.2f}x / {p.measured_throughput_ratio:.2f}x | "
-                    f"{_pct(p.small_share)} | {_pct(p.cache_hit_share)} |")
+                    f"{_pct(p.small_share)} | {_pct(p.cache_hit_share)} | {_pct(p.prefill_reused_share)} |")
     return "\n".join(rows)
 
 

@@ -154,6 +154,7 @@ class Choice:
     arm: str | None = None
     cached_index: int | None = None
     similarity: float | None = None
+    replayed_cache: bool = False  # the semantic cache's entry as it stands after the replay phase
 
 
 def threshold_choices(scores: dict[str, float], threshold: float, above: Choice | dict[str, Choice],

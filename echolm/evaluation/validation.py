@@ -20,8 +20,9 @@ from pathlib import Path
 
 from echolm.datasets import TaskItem
 from echolm.domain import ChatMessage
-from echolm.evaluation.efficiency import CostModel, ValidationPoint
+from echolm.evaluation.efficiency import ValidationPoint
 from echolm.evaluation.harness import WorkloadRun
+from echolm.evaluation.report import WorkloadScorer
 from echolm.evaluation.systems import EVAL_TENANT, Choice
 from echolm.settings import Settings
 
@@ -34,6 +35,10 @@ def _batch_line(custom_id: str, prompt: str, max_tokens: int) -> str:
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "tenant": EVAL_TENANT,
                        "body": {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                                 "temperature": 0.0}})
+
+
+def _custom_id(position: int, item: TaskItem) -> str:
+    return f"{position:04d}:{item.id}"
 
 
 async def _seed_history(settings: Settings, run: WorkloadRun) -> None:
@@ -73,14 +78,16 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
     return base.model_copy(update=update)
 
 
-def validate_system(base: Settings, run: WorkloadRun, costs: CostModel, system: str, choices: dict[str, Choice],
+def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, policy: str, threshold: float | None,
                     timeout_s: float = 1800.0) -> ValidationPoint:
-    """Serve ``items`` through the real pipeline and compare with the cost model (module docstring)."""
+    """Serve ``items`` through the real pipeline, in order, and compare with the cost model (module
+    docstring); the prediction credits the tiers' prefix caches as the scorer does."""
     from streams.batch import run_batch
     from streams.broker import EmbeddedBroker
     from streams.worker import WorkerProcess
 
+    run = scorer.run
     data_dir = work_dir / system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
@@ -90,7 +97,9 @@ def validate_system(base: Settings, run: WorkloadRun, costs: CostModel, system: 
     # One request routed to each tier, so both models are loaded before the clock starts.
     warm_in.write_text(_batch_line("warm-small", run.examples()[0].prompt, 8) + "\n"
                        + _batch_line("warm-large", WARMUP_PROMPT, 8) + "\n")
-    main_in.write_text("".join(_batch_line(item.id, item.prompt, run.workload.max_tokens) + "\n" for item in items))
+    # Custom ids carry the position: a repeated request is served (and counted) again.
+    main_in.write_text("".join(_batch_line(_custom_id(n, item), item.prompt, run.workload.max_tokens) + "\n"
+                               for n, item in enumerate(items)))
     with EmbeddedBroker(data_dir) as broker:
         live = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         worker = WorkerProcess(live, log_path=data_dir / "worker.log")
@@ -111,13 +120,10 @@ def validate_system(base: Settings, run: WorkloadRun, costs: CostModel, system: 
         answers[record["custom_id"]] = (text, (body.get("echolm") or {}).get("tier", ""))
     same = 0
     predicted = 0.0
-    for item in items:
-        choice = choices[item.id]
-        arm = run.arm_for(item, choice.arm or "large")
-        generated = run.generation(item, arm)
-        predicted += costs.seconds(arm.tier, generated.prompt_tokens, generated.completion_tokens)
-        predicted += costs.retrieval_overhead_s
-        same += answers.get(item.id, ("", ""))[0].strip() == generated.text.strip()
+    for n, (item, result, cost, _) in enumerate(scorer.served(choices, items)):
+        predicted += cost + scorer.costs.retrieval_overhead_s
+        generated = run.generation(item, run.arm_for(item, result.arm))
+        same += answers.get(_custom_id(n, item), ("", ""))[0].strip() == generated.text.strip()
     by_tier: dict[str, int] = {}
     for _, tier in answers.values():
         by_tier[tier] = by_tier.get(tier, 0) + 1

@@ -24,6 +24,7 @@ import llama_cpp
 from llama_cpp import llama_chat_format
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams, GenerationResult
+from echolm.generation.llamacpp_prefix import KvStateCache, PrefixStats
 from echolm.settings import TierSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class LlamaCppGenerator:
         self._abort_callback = llama_cpp.ggml_abort_callback(self._should_abort)
         self._closed = False
         self._load_lock = threading.Lock()  # count_prompt_tokens may load from the event-loop thread
+        self._prefix = KvStateCache(tier.prefix_cache_mb << 20) if tier.prefix_cache_mb > 0 else None
 
     @property
     def model_name(self) -> str:
@@ -109,8 +111,12 @@ class LlamaCppGenerator:
         llm = self._load()
         if self._formatter is None:
             return len(llm.tokenize("\n".join(m.content for m in messages).encode("utf-8"), add_bos=True))
-        prompt = self._formatter(messages=_as_dicts(messages)).prompt
-        return len(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+        return len(self._prompt_token_ids(llm, messages))
+
+    @property
+    def prefix_stats(self) -> PrefixStats | None:
+        """Prompt tokens reused from kept KV states so far (None when ``prefix_cache_mb`` is 0)."""
+        return self._prefix.stats if self._prefix is not None else None
 
     async def aclose(self) -> None:
         """Wait (bounded by the tier timeout) for a running call, then free the model and the thread."""
@@ -149,18 +155,16 @@ class LlamaCppGenerator:
             verbose=False,
         )
         llama_cpp.llama_set_abort_callback(llm._ctx.ctx, self._abort_callback, None)  # noqa: SLF001
-        template = llm.metadata.get("tokenizer.chat_template")
-        if template:
-            self._formatter = llama_chat_format.Jinja2ChatFormatter(
-                template=template,
-                eos_token=_token_text(llm, llm.token_eos()),
-                bos_token=_token_text(llm, llm.token_bos()),
-            )
+        self._formatter = _chat_formatter(llm)
         log.info(
             "tier %s: loaded %s (n_ctx=%d, %d threads) in %.1f s",
             self._tier.name, self._model_path.name, self._tier.n_ctx, self._n_threads, time.monotonic() - started,
         )
         return llm
+
+    def _prompt_token_ids(self, llm: llama_cpp.Llama, messages: Sequence[ChatMessage]) -> list[int]:
+        assert self._formatter is not None
+        return _chat_prompt_tokens(llm, self._formatter, messages)
 
     def _should_abort(self, _data: Any) -> bool:
         deadline = self._deadline
@@ -178,7 +182,11 @@ class LlamaCppGenerator:
             return scores
 
         try:
-            return llm.create_chat_completion(
+            if self._prefix is None:
+                llm.reset()  # no reuse: every prompt is prefilled in full
+            elif self._formatter is not None:
+                self._prefix.prepare(llm, self._prompt_token_ids(llm, messages))
+            completion = llm.create_chat_completion(
                 messages=_as_dicts(messages),
                 max_tokens=params.max_tokens or self._tier.max_tokens,
                 temperature=params.temperature,
@@ -187,6 +195,9 @@ class LlamaCppGenerator:
                 seed=params.seed,
                 logits_processor=llama_cpp.LogitsProcessorList([stop_at_deadline]),
             )
+            if self._prefix is not None and self._formatter is not None:
+                self._prefix.save(llm)
+            return completion
         except Exception:
             # An aborted decode can leave half-written cache cells behind; start clean next time.
             _forget_cached_prompt(llm)
@@ -231,6 +242,44 @@ class LlamaCppGenerator:
             ErrorCode.GENERATION_FAILED,
             f"request {request_id}: tier {self._tier.name} ({self.model_name}) failed: {type(exc).__name__}: {exc}",
         )
+
+
+class LlamaCppPromptTokenizer:
+    """A GGUF's tokenizer and chat template without its weights (``vocab_only``): the prompt tokens a
+    ``LlamaCppGenerator`` of the same model would prefill, and the model's metadata."""
+
+    def __init__(self, model_path: Path) -> None:
+        self._llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        self._formatter = _chat_formatter(self._llm)
+        if self._formatter is None:
+            raise ValueError(f"{model_path.name} has no chat template")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self._llm.metadata)
+
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        assert self._formatter is not None
+        return _chat_prompt_tokens(self._llm, self._formatter, messages)
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def _chat_formatter(llm: llama_cpp.Llama) -> llama_chat_format.Jinja2ChatFormatter | None:
+    """The GGUF's own chat template, as llama-cpp-python's default chat handler builds it."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=template, eos_token=_token_text(llm, llm.token_eos()), bos_token=_token_text(llm, llm.token_bos()))
+
+
+def _chat_prompt_tokens(llm: llama_cpp.Llama, formatter: llama_chat_format.Jinja2ChatFormatter,
+                        messages: Sequence[ChatMessage]) -> list[int]:
+    """The tokens llama-cpp-python's chat handler makes of ``messages`` (same template, same call)."""
+    prompt = formatter(messages=_as_dicts(messages)).prompt
+    return llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
 
 def _as_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:

@@ -42,7 +42,9 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         systems = summary["systems"]
         assert {"always-large", "always-small", "small + nearest examples (stage 1)",
                 "semantic cache (GPTCache-style)", "RouteLLM-style router (no examples)",
-                "EchoLM (stage 2 + bandit router)", "EchoLM + verbatim reuse of repeats"} <= set(systems)
+                "EchoLM (stage 2 + bandit router)", "EchoLM + verbatim reuse of repeats",
+                "small + nearest examples, replayed cache", "EchoLM with replay (stage 1 + similarity router)",
+                "semantic cache on the replayed cache"} <= set(systems)
         # Reuse only takes requests whose best example passes the bar: never more than the semantic
         # cache at its loosest setting, and at the strictest gap setting the rest stays on the large tier.
         reuse = systems["EchoLM + verbatim reuse of repeats"]
@@ -57,6 +59,10 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         assert min(p["small_share"] for p in sweep) == 0.0
         assert max(p["small_share"] for p in sweep) == 1.0
         assert summary["cache_size"][0]["size"] == 0
+    # The replay phase ran (on echo answers no entry can win) and its outcome is stored for re-runs.
+    assert len(list((tmp_path / "cache" / "replays").glob("*.json"))) == 2
+    assert "**Replay**" in docs.read_text()
+    assert results["prefix_credit"] == {}  # echo tiers keep no KV state
     assert [v["requests"] for v in results["validation"]] == [2, 2]
     assert all(v["measured_s"] > 0 for v in results["validation"])
     for figure in results["figures"]:

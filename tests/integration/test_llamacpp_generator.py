@@ -125,3 +125,42 @@ async def test_factory_builds_a_llamacpp_generator_for_a_registry_name(model_pat
     finally:
         await gen.aclose()
     assert result.text
+
+
+SHARED_SYSTEM = ChatMessage("system", "You answer geography questions. Reference notes: " + " ".join(
+    f"Note {n}: capitals are where governments sit." for n in range(20)))
+
+
+async def test_prompts_sharing_a_prefix_reuse_the_kept_kv_state(model_path: Path) -> None:
+    from echolm.generation.llamacpp import LlamaCppPromptTokenizer
+    from echolm.prompting import common_prefix_length
+
+    france = [SHARED_SYSTEM, ChatMessage("user", "What is the capital of France?")]
+    spain = [SHARED_SYSTEM, ChatMessage("user", "What is the capital of Spain?")]
+    tokenizer = LlamaCppPromptTokenizer(model_path)
+    france_ids, spain_ids = tokenizer.prompt_tokens(france), tokenizer.prompt_tokens(spain)
+    tokenizer.close()
+    shared = common_prefix_length(france_ids, spain_ids)
+    assert shared > 200  # the system prompt
+
+    params = GenerationParams(max_tokens=12, temperature=0.0)
+    cold = LlamaCppGenerator(_tier(prefix_cache_mb=0), model_path)
+    cached = LlamaCppGenerator(_tier(prefix_cache_mb=64), model_path)
+    try:
+        reference = await cold.generate(france, params, request_id="cold")
+        assert cold.prefix_stats is None
+        first = await cached.generate(france, params, request_id="f1")
+        await cached.generate(spain, params, request_id="s1")
+        await cached.generate(france, params, request_id="f2")  # the live context is Spain's: restores France's state
+    finally:
+        await cold.aclose()
+        await cached.aclose()
+
+    assert first.prompt_tokens == len(france_ids)  # the tokenizer sees what the generator prefills
+    assert first.text == reference.text  # nothing kept yet: a full prefill, as with reuse off
+    stats = cached.prefix_stats
+    assert stats is not None
+    assert stats.prompts == 3
+    assert stats.restores == 1
+    # Spain reuses the shared system prompt from the live context; France again all but its last token.
+    assert stats.reused_tokens == shared + len(france_ids) - 1
