@@ -44,6 +44,7 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str
     latency_s: float
+    cached_prompt_tokens: int = 0  # prompt tokens taken from the backend's prefix cache, not prefilled
 
 
 @dataclass(frozen=True, slots=True)

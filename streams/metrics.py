@@ -16,6 +16,9 @@ STAGE_WAIT = Histogram(
     "echolm_stage_wait_seconds", "Time from an event's production to its stage taking it", ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+PROMPT_TOKENS = Counter("echolm_prompt_tokens_total", "Prompt tokens of the requests each tier answered", ["tier"])
+PROMPT_TOKENS_REUSED = Counter("echolm_prompt_tokens_reused_total",
+                               "Prompt tokens a tier took from its prefix cache instead of prefilling", ["tier"])
 ROUTED = Counter("echolm_routed_total", "Requests routed to each tier", ["tier"])
 CACHE_SIZE = Gauge("echolm_example_cache_size", "Examples held in this retriever's cache")
 EXAMPLES_PER_REQUEST = Histogram("echolm_examples_per_request", "Retrieved examples per routed request",

@@ -44,6 +44,7 @@ from echolm.routing.reuse import REUSE_TIER, reusable_example
 from echolm.routing.route_context import describe_route
 from echolm.selection import StageTwo
 from echolm.settings import Settings, TierSettings
+from streams import metrics
 from streams.records import (
     DeadLetterRecord,
     ErrorInfo,
@@ -331,6 +332,8 @@ class GenerateStage:
     def _response(self, record: InFlightRequest, result: GenerationResult,
                   used: list[ExampleRef]) -> ResponseRecord:
         request = record.request
+        metrics.PROMPT_TOKENS.labels(self._tier.name).inc(result.prompt_tokens)
+        metrics.PROMPT_TOKENS_REUSED.labels(self._tier.name).inc(result.cached_prompt_tokens)
         return ResponseRecord(
             request_id=request.request_id, tenant=request.tenant, custom_id=request.custom_id,
             messages=request.messages, text=result.text, tier=self._tier.name, model=result.model,

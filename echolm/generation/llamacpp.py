@@ -5,6 +5,9 @@ with an ``asyncio.Lock``. Timeouts are real: a deadline is checked inside llama.
 callback runs between graph nodes, so even a long prompt evaluation stops), and an outer
 ``asyncio.wait_for`` backs it up. When the outer timeout fires first the worker thread may still be
 running; the lock is released only once it has finished, so the next call never shares the model.
+
+Prompts that start like an earlier one reuse its KV state (``TierSettings.prefix_cache_mb``; see
+``echolm.generation.llamacpp_prefix``); with 0, every prompt is prefilled in full.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class LlamaCppGenerator:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure ends this request, not the worker
             raise self._map_error(exc, request_id) from exc
-        return self._result(completion, time.monotonic() - started)
+        return self._result(*completion, time.monotonic() - started)
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Tokens the chat template makes of ``messages`` (loads the model if needed; tokenizer only)."""
@@ -170,7 +173,9 @@ class LlamaCppGenerator:
         deadline = self._deadline
         return deadline is not None and time.monotonic() > deadline
 
-    def _complete(self, messages: list[ChatMessage], params: GenerationParams, deadline: float) -> dict[str, Any]:
+    def _complete(self, messages: list[ChatMessage], params: GenerationParams,
+                  deadline: float) -> tuple[dict[str, Any], int]:
+        """The completion, and how many prompt tokens came from a kept KV state."""
         llm = self._load()
         if time.monotonic() > deadline:
             raise _DeadlineExceeded
@@ -182,10 +187,11 @@ class LlamaCppGenerator:
             return scores
 
         try:
+            reused = 0
             if self._prefix is None:
                 llm.reset()  # no reuse: every prompt is prefilled in full
             elif self._formatter is not None:
-                self._prefix.prepare(llm, self._prompt_token_ids(llm, messages))
+                reused = self._prefix.prepare(llm, self._prompt_token_ids(llm, messages))
             completion = llm.create_chat_completion(
                 messages=_as_dicts(messages),
                 max_tokens=params.max_tokens or self._tier.max_tokens,
@@ -197,7 +203,7 @@ class LlamaCppGenerator:
             )
             if self._prefix is not None and self._formatter is not None:
                 self._prefix.save(llm)
-            return completion
+            return completion, reused
         except Exception:
             # An aborted decode can leave half-written cache cells behind; start clean next time.
             _forget_cached_prompt(llm)
@@ -210,7 +216,7 @@ class LlamaCppGenerator:
     # -----------------------------------------------------------------------------------------
     # Results and errors
 
-    def _result(self, completion: dict[str, Any], latency_s: float) -> GenerationResult:
+    def _result(self, completion: dict[str, Any], reused: int, latency_s: float) -> GenerationResult:
         choice = completion["choices"][0]
         usage = completion.get("usage") or {}
         return GenerationResult(
@@ -220,6 +226,7 @@ class LlamaCppGenerator:
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=choice.get("finish_reason") or "stop",
             latency_s=latency_s,
+            cached_prompt_tokens=reused,
         )
 
     def _timeout_error(self, request_id: str, phase: str) -> EchoLMError:

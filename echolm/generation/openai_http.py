@@ -211,11 +211,14 @@ def parse_chat_response(data: Any, model: str, latency_s: float) -> GenerationRe
     if not isinstance(content, str):
         raise malformed("message content is not a string")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     return GenerationResult(
         text=content,
         model=model,
         prompt_tokens=_count(usage.get("prompt_tokens")),
         completion_tokens=_count(usage.get("completion_tokens")),
+        # vLLM (with prefix caching) and OpenAI report the reused part of the prompt here.
+        cached_prompt_tokens=_count(details.get("cached_tokens")),
         finish_reason=str(choice.get("finish_reason") or "stop"),
         latency_s=latency_s,
     )

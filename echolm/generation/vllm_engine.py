@@ -151,6 +151,7 @@ def result_from_output(output: Any, model: str, latency_s: float) -> GenerationR
         model=model,
         prompt_tokens=len(getattr(output, "prompt_token_ids", None) or ()),
         completion_tokens=len(getattr(completion, "token_ids", None) or ()),
+        cached_prompt_tokens=int(getattr(output, "num_cached_tokens", None) or 0),
         finish_reason=str(finish_reason),
         latency_s=latency_s,
     )

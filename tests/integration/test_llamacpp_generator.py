@@ -151,7 +151,7 @@ async def test_prompts_sharing_a_prefix_reuse_the_kept_kv_state(model_path: Path
         assert cold.prefix_stats is None
         first = await cached.generate(france, params, request_id="f1")
         await cached.generate(spain, params, request_id="s1")
-        await cached.generate(france, params, request_id="f2")  # the live context is Spain's: restores France's state
+        again = await cached.generate(france, params, request_id="f2")  # restores France's state (Spain's is live)
     finally:
         await cold.aclose()
         await cached.aclose()
@@ -164,3 +164,4 @@ async def test_prompts_sharing_a_prefix_reuse_the_kept_kv_state(model_path: Path
     assert stats.restores == 1
     # Spain reuses the shared system prompt from the live context; France again all but its last token.
     assert stats.reused_tokens == shared + len(france_ids) - 1
+    assert (first.cached_prompt_tokens, again.cached_prompt_tokens) == (0, len(france_ids) - 1)

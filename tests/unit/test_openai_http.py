@@ -318,3 +318,10 @@ def test_the_factory_builds_it_with_the_key_from_the_environment(monkeypatch):
     assert generator._api_key == "sk-from-env"
     monkeypatch.setenv("ECHOLM_OPENAI_API_KEY", "")  # compose passes an unset secret as empty
     assert make_generator(tier, Settings(tiers=[tier], admit_from_tiers=[]))._api_key is None
+
+
+def test_cached_prompt_tokens_come_from_the_usage_details():
+    body = _completion("four", 1200, 3)
+    body["usage"]["prompt_tokens_details"] = {"cached_tokens": 1024}
+    assert parse_chat_response(body, "m", 0.1).cached_prompt_tokens == 1024
+    assert parse_chat_response(_completion("four", 12, 3), "m", 0.1).cached_prompt_tokens == 0

@@ -305,3 +305,10 @@ def test_the_factory_builds_the_vllm_backend(monkeypatch):
     tier = _tier()
     generator = make_generator(tier, Settings(tiers=[tier], admit_from_tiers=[]))
     assert isinstance(generator, VllmEngineGenerator) and generator.model_name == tier.model
+
+
+def test_prefix_cached_prompt_tokens_are_reported():
+    output = _output(prompt_ids=range(40))
+    output.num_cached_tokens = 32  # vLLM's automatic prefix caching hit
+    assert result_from_output(output, "m", 0.1).cached_prompt_tokens == 32
+    assert result_from_output(_output(), "m", 0.1).cached_prompt_tokens == 0
