@@ -32,6 +32,8 @@ def eval_command(
     max_minutes: Annotated[float | None, typer.Option(help="stop starting new phases after this many minutes")] = None,
     threads: Annotated[int, typer.Option(help="llama.cpp threads for the answer generations (0: the tiers' own; "
                                          "costs are calibrated with the tiers' own either way)")] = 1,
+    calibrate_per_arm: Annotated[int, typer.Option(help="phase calibrate: requests timed per main arm and workload "
+                                                   "(each twice, with the serving thread count)")] = 8,
     validate: Annotated[int, typer.Option(help="also serve this many requests through the real pipeline to check "
                                           "the cost model (0: skip)")] = 0,
     replay_samples: Annotated[int, typer.Option(help="phase replay: answers the large tier samples per replayed "
@@ -66,7 +68,8 @@ def eval_command(
         workloads=[w.strip() for w in workloads.split(",") if w.strip()], jsonl=jsonl, n_cache=n_cache,
         n_traffic=n_traffic, k=examples, seed=seed, limit=limit, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
         phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
-        generation_threads=threads or None, validate=validate, prefix_credit=prefix_credit,
+        generation_threads=threads or None, validate=validate, calibrate_per_arm=calibrate_per_arm,
+        prefix_credit=prefix_credit,
         replay_samples=replay_samples, out_dir=out_dir,
         figures_dir=figures_dir,
         docs=None if docs is None or str(docs) in ("", ".") else docs, progress=progress,  # Path("") is "."

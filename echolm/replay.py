@@ -55,7 +55,7 @@ from echolm.policy.eviction import DECAY_PER_HOUR
 from echolm.policy.load_bias import LoadTracker
 from echolm.policy.replay import ReplayPlanner, best_of
 from echolm.protocols import Generator
-from echolm.settings import Settings
+from echolm.settings import Settings, TierSettings
 
 if TYPE_CHECKING:
     from echolm.history.store import SqlHistoryStore
@@ -409,27 +409,39 @@ def highest_load(*probes: LoadProbe) -> LoadProbe:
     return probe
 
 
+def _tier_load_probes(settings: Settings, history: SqlHistoryStore, tier: TierSettings,
+                      in_flight: Callable[[str], Callable[[], float]] | None,
+                      live_load: Callable[[str], LoadProbe] | None) -> list[LoadProbe]:
+    from echolm.history.example_stats_store import tier_busy_seconds
+
+    async def busy(since: datetime) -> float:
+        return await tier_busy_seconds(history, tier.name, since)
+
+    config = settings.replay
+    probes: list[LoadProbe] = [HistoryLoadProbe(busy, tier=tier.name, window_s=config.load_window_s,
+                                                concurrency=tier.concurrency, half_life_s=config.load_half_life_s,
+                                                in_flight=in_flight(tier.name) if in_flight else None)]
+    if live_load is not None:
+        probes.append(live_load(tier.name))
+    return probes
+
+
 def replay_service_from_settings(settings: Settings, history: SqlHistoryStore, generator: Generator, *,
                                  judge_generator: Generator | None = None, load: LoadProbe | None = None,
-                                 in_flight: Callable[[], float] | None = None,
-                                 live_load: LoadProbe | None = None) -> ReplayService:
+                                 in_flight: Callable[[str], Callable[[], float]] | None = None,
+                                 live_load: Callable[[str], LoadProbe] | None = None) -> ReplayService:
     """The replay service as ``settings.replay`` configures it, on the SQL history store.
 
-    ``load`` replaces the load estimate; by default it is the ``HistoryLoadProbe`` (with this process's
-    ``in_flight``), combined with ``live_load`` (the generate workers' load reports) when given.
+    ``load`` replaces the load estimate; by default it is the highest ``HistoryLoadProbe`` of the tiers
+    ``replay.idle_scope`` watches (each with this process's ``in_flight(tier)``), combined with
+    ``live_load(tier)`` (the generate workers' load reports) when given.
     """
-    from echolm.history.example_stats_store import SqlExampleStatsStore, tier_busy_seconds
-
     config = settings.replay
     tier = settings.tier(config.tier) if config.tier else settings.largest_tier
     if load is None:
-        async def busy(since: datetime) -> float:
-            return await tier_busy_seconds(history, tier.name, since)
-
-        load = HistoryLoadProbe(busy, tier=tier.name, window_s=config.load_window_s, concurrency=tier.concurrency,
-                                half_life_s=config.load_half_life_s, in_flight=in_flight)
-        if live_load is not None:
-            load = highest_load(load, live_load)
+        watched = list(settings.tiers) if config.idle_scope == "all-tiers" else [tier]
+        load = highest_load(*(probe for t in watched for probe in _tier_load_probes(settings, history, t, in_flight,
+                                                                                    live_load)))
     llm_judge: ReplayJudge | None = None
     if judge_generator is not None:
         judge_tier = settings.tier(config.judge_tier) if config.judge_tier else tier
@@ -441,6 +453,8 @@ def replay_service_from_settings(settings: Settings, history: SqlHistoryStore, g
     planner = ReplayPlanner(samples_per_replay=config.samples, cost_per_sample=config.cost_per_sample,
                             max_rounds=config.max_rounds)
     params = GenerationParams(max_tokens=config.max_tokens or tier.max_tokens, temperature=config.temperature)
+    from echolm.history.example_stats_store import SqlExampleStatsStore
+
     return ReplayService(
         history, SqlExampleStatsStore(history), generator, select_judge(config.judge, llm=llm_judge, verifier=verifier),
         planner, load,

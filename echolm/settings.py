@@ -109,6 +109,12 @@ class ReplaySettings(BaseModel):
     tier: str | None = Field(default=None, description="tier that regenerates examples (None: the costliest)")
     interval_s: float = Field(default=10.0, gt=0, description="how often the agent looks for idle capacity")
     idle_threshold: float = Field(default=0.2, gt=0, description="replay only while the tier's load EMA (busy fraction) is below this")
+    idle_scope: Literal["tier", "all-tiers"] = Field(
+        default="all-tiers",
+        description="whose load must be under idle_threshold: the replay tier's only (tiers on hardware of their "
+                    "own), or every tier's (tiers sharing a machine, as llama.cpp tiers share the CPU: replaying "
+                    "while the small tier serves would slow its traffic)",
+    )
     load_window_s: float = Field(default=30.0, gt=0, description="history window of the load estimate")
     load_half_life_s: float = Field(default=10.0, gt=0, description="half-life of the load EMA")
     samples: int = Field(default=3, ge=1, le=16, description="answers generated per replay; the judge keeps the best")

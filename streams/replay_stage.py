@@ -200,8 +200,8 @@ def wire_replay(w: _Wiring) -> None:
             source.start()
             return replay_service_from_settings(w.settings, await _sql_history(w),
                                                 await w.services.generator(tier.name), judge_generator=judge,
-                                                in_flight=_in_flight_of(tier.name),
-                                                live_load=_reported_load(board, tier.name))
+                                                in_flight=_in_flight_of,
+                                                live_load=lambda name: _reported_load(board, name))
 
         return await lazy.get("service", build)
 

@@ -4,7 +4,7 @@ For a few traffic requests, the real pipeline (embedded Tansu broker, one ``echo
 process, SQLite history seeded with the cache part's large-model answers) serves them all at once, as
 ``echolm batch`` would. The routing is set up to make the same decisions as the simulated system
 (``always-large``, or the similarity router at the chosen threshold with the same ``k``), the cache is
-frozen (no admissions during the run), and a warm-up batch first loads both models. The batch's wall time
+frozen (no admissions and no replay during the run), and a warm-up batch first loads both models. The batch's wall time
 is then compared with the cost model's prediction for the same requests and arms, and the pipeline's
 answers with the cached generations (same prompts, temperature 0).
 """
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from echolm.datasets import TaskItem
-from echolm.domain import ChatMessage
+from echolm.domain import ChatMessage, Example
 from echolm.evaluation.efficiency import ValidationPoint
 from echolm.evaluation.harness import WorkloadRun
 from echolm.evaluation.report import WorkloadScorer
@@ -41,7 +41,7 @@ def _custom_id(position: int, item: TaskItem) -> str:
     return f"{position:04d}:{item.id}"
 
 
-async def _seed_history(settings: Settings, run: WorkloadRun) -> None:
+async def _seed_history(settings: Settings, run: WorkloadRun, examples: Sequence[Example]) -> None:
     from echolm.history.migrate import upgrade
     from echolm.history.store import SqlHistoryStore
     from echolm.history_import import HistoricalRecord, import_records
@@ -55,7 +55,7 @@ async def _seed_history(settings: Settings, run: WorkloadRun) -> None:
         records = [HistoricalRecord(request_id=f"cache-{i}", tenant=EVAL_TENANT, custom_id=None,
                                     messages=[ChatMessage("user", example.prompt)], response=example.response,
                                     model=example.model, tier="large")
-                   for i, example in enumerate(run.examples())]
+                   for i, example in enumerate(examples)]
         await import_records(records, embedder, store, admit=True)
     finally:
         await store.aclose()
@@ -69,6 +69,8 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
         "retrieve_top_k": run.k, "min_similarity": -1.0, "default_tenant": EVAL_TENANT, "log_level": "WARNING",
         # Stage 2 keeps every stage 1 candidate: the arm validated is "small + nearest examples".
         "learning": base.learning.model_copy(update={"selection_threshold": -1.0, "max_examples": run.k}),
+        # Frozen cache: no replay either (it would also share the CPU with the traffic being timed).
+        "replay": base.replay.model_copy(update={"enabled": False}),
     }
     if policy == "always-large":
         update["router_policy"] = "always-large"
@@ -80,9 +82,10 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
 
 def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, policy: str, threshold: float | None,
-                    timeout_s: float = 1800.0) -> ValidationPoint:
+                    replayed_cache: bool = False, timeout_s: float = 1800.0) -> ValidationPoint:
     """Serve ``items`` through the real pipeline, in order, and compare with the cost model (module
-    docstring); the prediction credits the tiers' prefix caches as the scorer does."""
+    docstring); the prediction credits the tiers' prefix caches as the scorer does. With
+    ``replayed_cache`` the history holds the cache as the replay phase left it."""
     from streams.batch import run_batch
     from streams.broker import EmbeddedBroker
     from streams.worker import WorkerProcess
@@ -92,7 +95,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     settings = pipeline_settings(base, run, data_dir.resolve(), policy=policy, threshold=threshold)
-    asyncio.run(_seed_history(settings, run))
+    asyncio.run(_seed_history(settings, run, run.replayed_examples() if replayed_cache else run.examples()))
     warm_in, main_in = data_dir / "warmup.jsonl", data_dir / "requests.jsonl"
     # One request routed to each tier, so both models are loaded before the clock starts.
     warm_in.write_text(_batch_line("warm-small", run.examples()[0].prompt, 8) + "\n"

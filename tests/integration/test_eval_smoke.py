@@ -63,7 +63,9 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache" / "replays").glob("*.json"))) == 2
     assert "**Replay**" in docs.read_text()
     assert results["prefix_credit"] == {}  # echo tiers keep no KV state
-    assert [v["requests"] for v in results["validation"]] == [2, 2]
+    # always-large, EchoLM at a threshold offloading half, and small + the replayed cache's examples.
+    assert [v["requests"] for v in results["validation"]] == [2, 2, 2]
+    assert results["validation"][2]["by_tier"] == {"small": 2}
     assert all(v["measured_s"] > 0 for v in results["validation"])
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 10_000

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -338,4 +339,29 @@ async def _wait_for_new_version(settings: Settings, example_id: int, timeout_s: 
             await asyncio.sleep(0.5)
         return None
     finally:
+        await history.aclose()
+
+
+async def test_replay_waits_while_a_tier_sharing_the_machine_is_busy(tmp_path: Path, database_url: str) -> None:
+    """idle_scope "all-tiers" (the default): llama.cpp tiers share the CPU, so a busy small tier keeps the
+    large tier's replay waiting; with "tier" only the replay tier's own load counts."""
+    from echolm.generation.factory import make_generator
+
+    in_flight = {"small": 1.0, "large": 0.0}  # the small tier is generating; the large one is idle
+
+    def probe(tier: str) -> Callable[[], float]:
+        return lambda: in_flight[tier]
+
+    history = SqlHistoryStore(database_url)
+    await history.start()
+    shared = smollm_settings(tmp_path, database_url)
+    own = shared.model_copy(update={"replay": shared.replay.model_copy(update={"idle_scope": "tier"})})
+    generator = make_generator(shared.tier("large"), shared)  # loads lazily: never used by these rounds
+    try:
+        waiting = await replay_service_from_settings(shared, history, generator, in_flight=probe).run_round()
+        assert not waiting.idle and waiting.load >= 1.0 and waiting.outcomes == []
+        alone = await replay_service_from_settings(own, history, generator, in_flight=probe).run_round()
+        assert alone.idle and alone.load == 0.0
+    finally:
+        await generator.aclose()
         await history.aclose()
