@@ -85,7 +85,7 @@ class SystemPoint:
     @property
     def prefill_reused_share(self) -> float:
         """Share of the prompt tokens sent to the models that their prefix caches spared."""
-        tiers = [t for t in self.tokens.values()]
+        tiers = list(self.tokens.values())
         prefill = sum(t["prefill"] * t["requests"] for t in tiers)
         reused = sum(t.get("prefill_reused", 0.0) * t["requests"] for t in tiers)
         return reused / prefill if prefill else 0.0

@@ -39,3 +39,42 @@ def test_results_section_is_replaced_between_markers(tmp_path) -> None:
     fresh = tmp_path / "fresh.md"
     write_results_section(fresh, f"{RESULTS_BEGIN}\nnew\n{RESULTS_END}\n")
     assert "new" in fresh.read_text()
+
+
+def test_served_charges_only_the_prompt_tokens_no_kept_prompt_shares() -> None:
+    """The scorer replays the tier's prefix cache in arrival order: a repeat and a request sharing a prefix
+    are charged less prefill, and a system's pass starts with an empty cache."""
+    from types import SimpleNamespace
+
+    from echolm.datasets import TaskItem
+    from echolm.evaluation.efficiency import CostModel, TierCostModel
+    from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
+    from echolm.evaluation.report import WorkloadScorer
+    from echolm.evaluation.systems import Arm, Choice
+
+    a = TaskItem("a", "g1", "aaaaaaaaaa", "", "1", (), "en")
+    b = TaskItem("b", "g2", "aaaaabbbbb", "", "1", (), "en")
+
+    class Run:
+        workload = SimpleNamespace(traffic=[a, b, a], unique_traffic=[a, b], verifier="numeric", name="w")
+
+        def arm_for(self, item, name):  # type: ignore[no-untyped-def]
+            return Arm(name, "small")
+
+        def generation(self, item, arm):  # type: ignore[no-untyped-def]
+            return SimpleNamespace(text="1", prompt_tokens=10, completion_tokens=5, latency_s=2.0)
+
+        def job(self, item, arm):  # type: ignore[no-untyped-def]
+            return SimpleNamespace(key=f"{item.id}/{arm.name}", messages=(item.prompt,))
+
+    verdicts = SimpleNamespace(verify=lambda item, text, verifier: SimpleNamespace(passed=True))
+    costs = CostModel({"small": TierCostModel("small", 0.0, 0.1, 0.2, 3, 0, 0.0)})  # 10 + 5 tokens: 2.0 s
+    credit = PrefixCredit({"small": TierPrefixCache(10**6, KvFootprint(1), lambda messages: [ord(c) for c in messages[0]])})
+    scorer = WorkloadScorer(Run(), verdicts, costs, credit)  # type: ignore[arg-type]
+    choices = {"a": Choice(arm="small"), "b": Choice(arm="small")}
+
+    served = scorer.served(choices)
+    assert [(item.id, reused) for item, _, _, reused in served] == [("a", 0), ("b", 5), ("a", 9)]
+    assert [round(cost, 6) for _, _, cost, _ in served] == [2.0, 1.5, 1.1]  # 0.1 s per prefilled token
+    assert [reused for *_, reused in scorer.served(choices)] == [0, 5, 9]  # a new pass starts cold
+    assert WorkloadScorer(Run(), verdicts, costs).served(choices)[2][2] == 2.0  # no credit configured
