@@ -130,6 +130,7 @@ class ResponseLog:
     submitted_at: datetime
     finished_at: datetime
     route_context: RouteContext | None = None
+    cached_prompt_tokens: int | None = None  # of prompt_tokens, taken from the tier's prefix cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,7 @@ class ResponseRecord(BaseModel):
     examples: list[ExampleRef] = Field(default_factory=list)
     route: RouteInfo | None = None
     prompt_tokens: int | None = None
+    cached_prompt_tokens: int | None = None  # of prompt_tokens, taken from the tier's prefix cache
     completion_tokens: int | None = None
     finish_reason: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)

@@ -273,15 +273,17 @@ class FeedbackStore:
         return rows[::-1]
 
     async def generation_timings(self, tier: str, limit: int = 500) -> list[GenerationTiming]:
-        """Tokens and generate-stage seconds of the newest ``limit`` answers of ``tier``."""
-        query = (select(ResponseRow.prompt_tokens, ResponseRow.completion_tokens, ResponseRow.timings)
+        """Tokens and generate-stage seconds of the newest ``limit`` answers of ``tier``; the prompt tokens
+        counted are the prefilled ones (those the tier's prefix cache supplied cost no prefill)."""
+        query = (select(ResponseRow.prompt_tokens, ResponseRow.completion_tokens, ResponseRow.timings,
+                        ResponseRow.cached_prompt_tokens)
                  .where(ResponseRow.tier == tier, ResponseRow.error_code.is_(None),
                         ResponseRow.prompt_tokens.is_not(None), ResponseRow.completion_tokens.is_not(None))
                  .order_by(ResponseRow.finished_at.desc()).limit(limit))
         async with self._history._read() as connection:  # noqa: SLF001
             result = await connection.execute(query)
-            return [GenerationTiming(tier, int(p), int(c), float(t["generate"])) for p, c, t in result
-                    if isinstance(t, dict) and "generate" in t]
+            return [GenerationTiming(tier, int(p) - int(cached or 0), int(c), float(t["generate"]))
+                    for p, c, t, cached in result if isinstance(t, dict) and "generate" in t]
 
     async def examples(self, ids: Sequence[int] | None = None, *, tenant: str | None = None,
                        include_inactive: bool = True, min_id: int = 0, limit: int = 200_000) -> list[StoredExample]:

@@ -183,6 +183,7 @@ def _response_values(record: ResponseLog, logged_at: datetime) -> dict[str, Any]
         "route_score": None if record.route_score is None else float(record.route_score),
         "timings": {str(k): float(v) for k, v in record.timings.items()},
         "prompt_tokens": record.prompt_tokens,
+        "cached_prompt_tokens": record.cached_prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "error_code": record.error_code,
         "error_message": record.error_message,
@@ -202,7 +203,7 @@ def _response_from_row(row: Row[Any]) -> ResponseLog:
         route_reason=row.route_reason, route_score=row.route_score, timings=dict(row.timings),
         prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens, error_code=row.error_code,
         error_message=row.error_message, submitted_at=row.submitted_at, finished_at=row.finished_at,
-        route_context=route_context_from_json(row.route_context),
+        route_context=route_context_from_json(row.route_context), cached_prompt_tokens=row.cached_prompt_tokens,
     )
 
 

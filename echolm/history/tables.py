@@ -108,6 +108,7 @@ class ResponseRow(Base):
     route_score: Mapped[float | None] = mapped_column(Double)
     timings: Mapped[dict[str, float]] = mapped_column(PortableJSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    cached_prompt_tokens: Mapped[int | None] = mapped_column(Integer)  # of prompt_tokens, from a prefix cache
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error_code: Mapped[str | None] = mapped_column(String)
     error_message: Mapped[str | None] = mapped_column(Text)

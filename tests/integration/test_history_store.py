@@ -90,7 +90,8 @@ def response_log(request_id: str, *, tenant: str = "acme", response: str | None 
         "prompt_text": f"question {request_id} — ünïcode ✓", "response": response, "tier": tier,
         "model": "qwen2.5-coder-1.5b-instruct", "example_ids": [3, 1], "example_similarities": [0.93, 0.81],
         "route_reason": "similarity>=0.8", "route_score": 0.875, "timings": {"embed": 0.01, "generate": 1.5},
-        "prompt_tokens": 42, "completion_tokens": 7, "error_code": None, "error_message": None,
+        "prompt_tokens": 42, "cached_prompt_tokens": 30, "completion_tokens": 7, "error_code": None,
+        "error_message": None,
         "submitted_at": T0, "finished_at": T0 + timedelta(seconds=2),
     }
     fields.update(overrides)
@@ -209,7 +210,7 @@ async def test_rows_logged_before_migration_0004_keep_no_route_context(empty_dat
     try:
         async with engine.begin() as connection:  # a row as the 0003 schema wrote it: no route_context column
             values = _response_values(response_log("before-0004"), T0)
-            del values["route_context"]
+            del values["route_context"], values["cached_prompt_tokens"]  # 0004's and 0006's columns
             await connection.execute(insert(ResponseRow.__table__).values(**values))
     finally:
         await engine.dispose()
@@ -218,6 +219,7 @@ async def test_rows_logged_before_migration_0004_keep_no_route_context(empty_dat
     try:
         (row,) = await history.responses_for(["before-0004"])
         assert row.route_context is None and row.route_reason == "similarity>=0.8"
+        assert row.cached_prompt_tokens is None  # not reported before 0006
         await history.record_responses([response_log("after-0004", route_context=ROUTE_CONTEXT)])
         assert (await history.responses_for(["after-0004"]))[0].route_context == ROUTE_CONTEXT
     finally:
@@ -459,3 +461,15 @@ def test_missing_migrations_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MigrationsNotFound, match="pip install -e"):
         migrations_dir(tmp_path / "not-a-checkout")
     assert (migrations_dir() / "versions").is_dir()
+
+
+async def test_generation_timings_count_only_the_prefilled_prompt_tokens(store: SqlHistoryStore) -> None:
+    """The router's token costs are fitted on prefilled tokens: those a prefix cache supplied are free."""
+    from echolm.history.feedback_store import FeedbackStore
+
+    if not isinstance(store, SqlHistoryStore):
+        pytest.skip("FeedbackStore reads the SQL history")
+    await store.record_responses([response_log("cached", tier="small"),  # 42 prompt tokens, 30 from the cache
+                                  response_log("unreported", tier="small", cached_prompt_tokens=None)])
+    timings = await FeedbackStore(store).generation_timings("small")
+    assert sorted(t.prompt_tokens for t in timings) == [12, 42]
