@@ -1,7 +1,7 @@
 """What a serving engine's prefix cache saves in prefill, replayed over a system's traffic.
 
 The llama.cpp tiers keep the KV states of earlier prompts (``TierSettings.prefix_cache_mb``,
-llama-cpp-python's ``LlamaRAMCache``): a new prompt that starts with the same tokens as a kept one loads
+``echolm.generation.llamacpp_prefix.KvStateCache``): a new prompt that starts with the same tokens as a kept one loads
 that state and prefills only the rest. EchoLM's prompts put everything shared first (system prompt, hint
 guidance, then the examples, most similar first; ``echolm.prompting``), so requests that retrieve the
 same examples (a popular problem asked again with other numbers) share most of their prompt.
