@@ -43,8 +43,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
-
 from echolm.domain import ChatMessage, RetrievedExample
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -71,13 +69,6 @@ REQUEST_HEADER = "### My request"
 SYSTEM_HINTS_HEADER = "Solved similar requests, for reference only:"
 
 PromptLayout = Literal["hints-first", "paper", "system"]
-
-
-def common_prefix_length(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
-    """Length of the longest common prefix of two token sequences (what a prefix cache can reuse)."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
 
 
 def order_examples(examples: Sequence[RetrievedExample]) -> list[RetrievedExample]:

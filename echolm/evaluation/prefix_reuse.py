@@ -15,13 +15,10 @@ the full one, and the credit is applied here, on the tokens the cache would hold
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from echolm.prompting import common_prefix_length
+from echolm.prefix_index import PrefixIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,37 +45,15 @@ class PrefixReuse:
     """One tier's prefix cache, replayed (see the module docstring)."""
 
     def __init__(self, capacity_bytes: int, footprint: KvFootprint) -> None:
-        self._capacity = capacity_bytes
         self._footprint = footprint
-        self._kept: OrderedDict[tuple[int, ...], tuple[np.ndarray, int]] = OrderedDict()  # -> (tokens, bytes)
-        self._used = 0
+        self._kept: PrefixIndex[None] = PrefixIndex(capacity_bytes)
 
     def serve(self, prompt: Sequence[int], completion_tokens: int = 0) -> int:
         """Tokens of ``prompt`` that need no prefill; the prompt (and its answer) is then kept."""
-        tokens = np.asarray(prompt)
-        reused = 0
-        best_key = None
-        for key, (kept, _) in self._kept.items():
-            length = common_prefix_length(kept, tokens)
-            if length > reused:
-                reused, best_key = length, key
-        if best_key is not None:
-            self._kept.move_to_end(best_key)
-        self._keep(tokens, len(tokens) + completion_tokens)
-        return min(reused, max(len(tokens) - 1, 0))
-
-    def _keep(self, tokens: np.ndarray, context_tokens: int) -> None:
-        size = self._footprint.bytes_fixed + context_tokens * self._footprint.bytes_per_token
-        if size > self._capacity:
-            return
-        key = tuple(tokens.tolist())
-        if key in self._kept:
-            self._used -= self._kept.pop(key)[1]
-        self._kept[key] = (tokens, size)
-        self._used += size
-        while self._used > self._capacity:
-            _, (_, dropped) = self._kept.popitem(last=False)
-            self._used -= dropped
+        reused, _ = self._kept.longest(prompt)
+        size = self._footprint.bytes_fixed + (len(prompt) + completion_tokens) * self._footprint.bytes_per_token
+        self._kept.keep(prompt, None, size)
+        return min(reused, max(len(prompt) - 1, 0))
 
 
 PromptTokens = Callable[[Sequence[object]], list[int]]  # chat messages -> the tier's prompt tokens

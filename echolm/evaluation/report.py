@@ -37,6 +37,7 @@ ECHOLM_REUSE = "EchoLM + verbatim reuse of repeats"
 SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
 SMALL_REPLAYED = "small + nearest examples, replayed cache"
 ECHOLM_REPLAY = "EchoLM with replay (stage 1 + similarity router)"
+ECHOLM_REPLAY_REUSE = "EchoLM with replay + verbatim reuse of repeats"
 SEMANTIC_CACHE_REPLAYED = "semantic cache on the replayed cache"
 ROUTELLM = "RouteLLM-style router (no examples)"
 TARGET_WIN_RATE = 0.5
@@ -338,6 +339,14 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
         replayed_hits = {rid: replace(choice, replayed_cache=True) for rid, choice in hits.items()}
         systems[SEMANTIC_CACHE_REPLAYED] = _router_sweep(scorer, SEMANTIC_CACHE_REPLAYED, "similarity >=", similarity,
                                                          replayed_hits, Choice(arm="large"))
+        # The pipeline's ECHOLM_REUSE_MIN_SIMILARITY on a replayed cache: repeats get the (upgraded) cached
+        # answer, everything else goes through the similarity router.
+        systems[ECHOLM_REPLAY_REUSE] = [
+            scorer.evaluate(ECHOLM_REPLAY_REUSE, {rid: replayed_hits[rid] if similarity[rid] >= bar else choice
+                                                  for rid, choice in threshold_choices(
+                                                      similarity, t, Choice(arm=REPLAYED_ARM), Choice(arm="large")).items()},
+                            knob=f"reuse at similarity >= {bar}; best example similarity >=", knob_value=t)
+            for bar in REUSE_BARS for t in sweep_thresholds(similarity.values())]
     return systems
 
 
@@ -386,10 +395,13 @@ def win_rate_at_throughput(points: Sequence[SystemPoint], ratio: float) -> float
     return max(eligible) if eligible else None
 
 
-def dominance(ours: Sequence[SystemPoint], theirs: Sequence[SystemPoint]) -> tuple[int, int]:
-    """How many of ``theirs``' frontier points (other than pure always-large) ``ours`` matches or beats:
-    a point of ours at least as fast with at least the win rate."""
-    targets = [p for p in frontier(theirs) if p.throughput_ratio > 1.0 + 1e-9]
+def dominance(ours: Sequence[SystemPoint], theirs: Sequence[SystemPoint],
+              min_win_rate: float | None = None) -> tuple[int, int]:
+    """How many of ``theirs``' frontier points (other than pure always-large; with ``min_win_rate``, only
+    those at least that good) ``ours`` matches or beats: a point of ours at least as fast with at least
+    the win rate."""
+    targets = [p for p in frontier(theirs) if p.throughput_ratio > 1.0 + 1e-9
+               and (min_win_rate is None or p.win_rate >= min_win_rate - 1e-12)]
     met = 0
     for point in targets:
         best = win_rate_at_throughput(ours, point.throughput_ratio)

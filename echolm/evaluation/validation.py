@@ -62,8 +62,10 @@ async def _seed_history(settings: Settings, run: WorkloadRun, examples: Sequence
 
 
 def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, policy: str,
-                      threshold: float | None) -> Settings:
-    """Settings that make the pipeline route like the simulated system (see the module docstring)."""
+                      threshold: float | None, reuse_min_similarity: float | None = None) -> Settings:
+    """Settings that make the pipeline route like the simulated system (see the module docstring); with
+    ``reuse_min_similarity`` the route stage answers repeats verbatim from the cache, as the simulated
+    reuse does (which ignores quality scores)."""
     update: dict[str, object] = {
         "data_dir": data_dir, "database_url": None, "kafka_bootstrap": None, "admit_from_tiers": [],
         "retrieve_top_k": run.k, "min_similarity": -1.0, "default_tenant": EVAL_TENANT, "log_level": "WARNING",
@@ -72,6 +74,8 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
         # Frozen cache: no replay either (it would also share the CPU with the traffic being timed).
         "replay": base.replay.model_copy(update={"enabled": False}),
     }
+    if reuse_min_similarity is not None:
+        update.update({"reuse_min_similarity": reuse_min_similarity, "reuse_min_quality": 0.0})
     if policy == "always-large":
         update["router_policy"] = "always-large"
     else:
@@ -82,7 +86,8 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
 
 def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, policy: str, threshold: float | None,
-                    replayed_cache: bool = False, timeout_s: float = 1800.0) -> ValidationPoint:
+                    replayed_cache: bool = False, reuse_min_similarity: float | None = None,
+                    timeout_s: float = 1800.0) -> ValidationPoint:
     """Serve ``items`` through the real pipeline, in order, and compare with the cost model (module
     docstring); the prediction credits the tiers' prefix caches as the scorer does. With
     ``replayed_cache`` the history holds the cache as the replay phase left it."""
@@ -94,7 +99,8 @@ def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices
     data_dir = work_dir / system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
-    settings = pipeline_settings(base, run, data_dir.resolve(), policy=policy, threshold=threshold)
+    settings = pipeline_settings(base, run, data_dir.resolve(), policy=policy, threshold=threshold,
+                                 reuse_min_similarity=reuse_min_similarity)
     asyncio.run(_seed_history(settings, run, run.replayed_examples() if replayed_cache else run.examples()))
     warm_in, main_in = data_dir / "warmup.jsonl", data_dir / "requests.jsonl"
     # One request routed to each tier, so both models are loaded before the clock starts.
@@ -115,22 +121,32 @@ def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices
         finally:
             worker.stop()
     answers: dict[str, tuple[str, str]] = {}
+    generate_s = 0.0
     for line in (data_dir / "requests.out.jsonl").read_text().splitlines():
         record = json.loads(line)
         response = record.get("response") or {}
         body = response.get("body") or {}
         text = body["choices"][0]["message"]["content"] if body.get("choices") else ""
-        answers[record["custom_id"]] = (text, (body.get("echolm") or {}).get("tier", ""))
+        provenance = body.get("echolm") or {}
+        answers[record["custom_id"]] = (text, provenance.get("tier", ""))
+        generate_s += float((provenance.get("timings") or {}).get("generate", 0.0))
     same = 0
-    predicted = 0.0
+    predicted = predicted_generate = 0.0
     for n, (item, result, cost, _) in enumerate(scorer.served(choices, items)):
-        predicted += cost + scorer.costs.retrieval_overhead_s
-        generated = run.generation(item, run.arm_for(item, result.arm))
-        same += answers.get(_custom_id(n, item), ("", ""))[0].strip() == generated.text.strip()
+        choice = choices[item.id]
+        if choice.cached_index is not None:  # a reused answer's cost is the retrieval overhead alone
+            predicted += cost
+            entries = run.replayed_examples() if choice.replayed_cache else run.examples()
+            expected = entries[choice.cached_index].response
+        else:
+            predicted += cost + scorer.costs.retrieval_overhead_s
+            predicted_generate += cost
+            expected = run.generation(item, run.arm_for(item, result.arm)).text
+        same += answers.get(_custom_id(n, item), ("", ""))[0].strip() == expected.strip()
     by_tier: dict[str, int] = {}
     for _, tier in answers.values():
         by_tier[tier] = by_tier.get(tier, 0) + 1
     n = len(items)
     return ValidationPoint(system=system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
-                           by_tier=by_tier)
+                           by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate)

@@ -23,22 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import llama_cpp
-import numpy as np
 
-from echolm.prompting import common_prefix_length
+from echolm.prefix_index import KeptPrefix, PrefixIndex, common_prefix_length
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class _KeptState:
-    tokens: np.ndarray  # the context's tokens when saved (prompt and answer)
-    data: bytes  # llama_state_get_data
 
 
 @dataclass
@@ -52,17 +44,16 @@ class PrefixStats:
 
 
 class KvStateCache:
-    """Kept KV states of one llama.cpp context (see the module docstring)."""
+    """Kept KV states of one llama.cpp context (see the module docstring), keyed by the context's tokens
+    (prompt and answer) when saved."""
 
     def __init__(self, capacity_bytes: int) -> None:
-        self._capacity = capacity_bytes
-        self._states: OrderedDict[tuple[int, ...], _KeptState] = OrderedDict()
-        self._used = 0
+        self._states: PrefixIndex[bytes] = PrefixIndex(capacity_bytes)
         self.stats = PrefixStats()
 
     @property
     def bytes_used(self) -> int:
-        return self._used
+        return self._states.bytes_used
 
     def __len__(self) -> int:
         return len(self._states)
@@ -70,16 +61,10 @@ class KvStateCache:
     def prepare(self, llm: llama_cpp.Llama, prompt: Sequence[int]) -> int:
         """Before a generation of ``prompt``: restore the best kept state if it shares more than the live
         context. Returns the prompt tokens that will not be prefilled (llama.cpp evaluates at least one)."""
-        wanted = np.asarray(prompt)
-        live = common_prefix_length(llm.input_ids[: llm.n_tokens], wanted)
-        best_key, best = None, live
-        for key, state in self._states.items():
-            length = common_prefix_length(state.tokens, wanted)
-            if length > best:
-                best_key, best = key, length
-        if best_key is not None:
-            self._states.move_to_end(best_key)
-            self._restore(llm, self._states[best_key])
+        live = common_prefix_length(llm.input_ids[: llm.n_tokens], prompt)
+        best, state = self._states.longest(prompt, at_least=live)
+        if state is not None:
+            self._restore(llm, state)
             self.stats.restores += 1
         reused = min(best, max(len(prompt) - 1, 0))
         self.stats.prompts += 1
@@ -94,25 +79,18 @@ class KvStateCache:
             return
         ctx = llm._ctx.ctx  # noqa: SLF001 - the pinned llama-cpp-python keeps the context here
         size = llama_cpp.llama_state_get_size(ctx)
-        if size > self._capacity:
+        if not self._states.fits(size):
             return
         buffer = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_get_data(ctx, buffer, size)
-        tokens = llm.input_ids[:n].copy()
-        key = tuple(tokens.tolist())
-        if key in self._states:
-            self._used -= len(self._states.pop(key).data)
-        self._states[key] = _KeptState(tokens, bytes(buffer)[:written])
-        self._used += written
-        while self._used > self._capacity and self._states:
-            _, dropped = self._states.popitem(last=False)
-            self._used -= len(dropped.data)
+        self._states.keep(llm.input_ids[:n], ctypes.string_at(buffer, written), written)
 
     @staticmethod
-    def _restore(llm: llama_cpp.Llama, state: _KeptState) -> None:
-        buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+    def _restore(llm: llama_cpp.Llama, state: KeptPrefix[bytes]) -> None:
+        data = state.value
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         ctx = llm._ctx.ctx  # noqa: SLF001
-        if llama_cpp.llama_state_set_data(ctx, buffer, len(state.data)) != len(state.data):
+        if llama_cpp.llama_state_set_data(ctx, buffer, len(data)) != len(data):
             raise RuntimeError("llama.cpp refused a kept KV state")
         n = len(state.tokens)
         llm.input_ids[:n] = state.tokens

@@ -63,10 +63,16 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache" / "replays").glob("*.json"))) == 2
     assert "**Replay**" in docs.read_text()
     assert results["prefix_credit"] == {}  # echo tiers keep no KV state
-    # always-large, EchoLM at a threshold offloading half, and small + the replayed cache's examples.
-    assert [v["requests"] for v in results["validation"]] == [2, 2, 2]
+    # always-large, EchoLM at a threshold offloading half, small + the replayed cache's examples, and the
+    # same with repeats answered verbatim from the replayed cache.
+    assert [v["requests"] for v in results["validation"]] == [2, 2, 2, 2]
     assert results["validation"][2]["by_tier"] == {"small": 2}
+    assert set(results["validation"][3]["by_tier"]) <= {"small", "cache"}
+    assert sum(results["validation"][3]["by_tier"].values()) == 2
     assert all(v["measured_s"] > 0 for v in results["validation"])
+    # The models' own time is read from the responses: the echo large tier sleeps 0.03 s per request.
+    assert results["validation"][0]["generate_s"] >= 2 * 0.03
+    assert "EchoLM with replay + verbatim reuse of repeats" in systems
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 10_000
     text = docs.read_text()

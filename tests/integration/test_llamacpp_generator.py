@@ -133,7 +133,7 @@ SHARED_SYSTEM = ChatMessage("system", "You answer geography questions. Reference
 
 async def test_prompts_sharing_a_prefix_reuse_the_kept_kv_state(model_path: Path) -> None:
     from echolm.generation.llamacpp import LlamaCppPromptTokenizer
-    from echolm.prompting import common_prefix_length
+    from echolm.prefix_index import common_prefix_length
 
     france = [SHARED_SYSTEM, ChatMessage("user", "What is the capital of France?")]
     spain = [SHARED_SYSTEM, ChatMessage("user", "What is the capital of Spain?")]

@@ -29,6 +29,8 @@ def test_dominance_counts_the_others_frontier_points_matched() -> None:
     ours = [point(1.0, 0.5), point(1.5, 0.5), point(2.0, 0.4)]
     theirs = [point(1.0, 0.5), point(1.3, 0.45), point(2.5, 0.2)]
     assert dominance(ours, theirs) == (1, 2)  # nothing of ours reaches 2.5x
+    # Only their points at a win rate worth having: the 2.5x point at 0.2 is not a target then.
+    assert dominance(ours, theirs, min_win_rate=0.4) == (1, 1)
 
 
 def test_results_section_is_replaced_between_markers(tmp_path) -> None:

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, PrefixReuse, TierPrefixCache
-from echolm.prompting import common_prefix_length
 
 ONE_BYTE = KvFootprint(bytes_per_token=1)
-
-
-def test_common_prefix_length() -> None:
-    assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
-    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
-    assert common_prefix_length(np.array([5]), [6]) == 0
-    assert common_prefix_length([], [1]) == 0
 
 
 def test_a_prompt_reuses_the_longest_kept_prefix() -> None:
