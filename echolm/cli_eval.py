@@ -36,6 +36,9 @@ def eval_command(
                                                    "(each twice, with the serving thread count)")] = 8,
     validate: Annotated[int, typer.Option(help="also serve this many requests through the real pipeline to check "
                                           "the cost model (0: skip)")] = 0,
+    validate_loads: Annotated[str, typer.Option(help="with --validate: also measure latency through the real "
+                                                "pipeline at these loads (comma-separated multiples of always-large's "
+                                                "measured capacity, e.g. 0.8), for always-large and EchoLM")] = "",
     replay_samples: Annotated[int, typer.Option(help="phase replay: answers the large tier samples per replayed "
                                                 "cache entry (the task verifier keeps the best)")] = 10,
     prefix_credit: Annotated[bool, typer.Option(help="credit the llama.cpp tiers' prefix caches (TierSettings."
@@ -68,7 +71,8 @@ def eval_command(
         workloads=[w.strip() for w in workloads.split(",") if w.strip()], jsonl=jsonl, n_cache=n_cache,
         n_traffic=n_traffic, k=examples, seed=seed, limit=limit, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
         phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
-        generation_threads=threads or None, validate=validate, calibrate_per_arm=calibrate_per_arm,
+        generation_threads=threads or None, validate=validate,
+        validate_loads=[float(x) for x in validate_loads.split(",") if x.strip()], calibrate_per_arm=calibrate_per_arm,
         prefix_credit=prefix_credit,
         replay_samples=replay_samples, out_dir=out_dir,
         figures_dir=figures_dir,

@@ -169,3 +169,18 @@ class ValidationPoint:
     def error(self) -> float:
         """Relative error of the predicted throughput against the measured one."""
         return self.predicted_rps / self.measured_rps - 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPoint:
+    """Latency through the real pipeline under a Poisson stream at a fixed load."""
+
+    system: str
+    load: float  # the rate as a multiple of always-large's capacity measured through the pipeline
+    rate_rps: float
+    requests: int
+    errors: int
+    p50_s: float
+    p99_s: float
+    mean_s: float
+    by_tier: dict[str, int]

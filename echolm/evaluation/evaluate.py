@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from echolm.evaluation.efficiency import CostModel, CostSample, ValidationPoint, fit_cost_model
+from echolm.evaluation.efficiency import CostModel, CostSample, LatencyPoint, ValidationPoint, fit_cost_model
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs
 from echolm.evaluation.harness import PHASES, REPLAYED_ARM, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
@@ -85,6 +85,7 @@ class EvalConfig:
     calibrate_per_arm: int = 8
     calibrate_repeats: int = 2
     validate: int = 0
+    validate_loads: list[float] = field(default_factory=list)
     prefix_credit: bool = True
     replay_samples: int = 10
     out_dir: Path = Path("out/eval")
@@ -233,16 +234,20 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         results["workloads"][run.workload.name] = workload_summary(run, systems, sizes[run.workload.name])
         sections.append(workload_section(run, scorer, systems, sizes[run.workload.name]))
     if config.validate > 0:
-        results["validation"] = [vars_of(v) for v in _validate(config, serving, runs[0], scorers[0], pareto)]
+        validation = _validate(config, serving, runs[0], scorers[0], pareto)
+        results["validation"] = [vars_of(v) for v in validation]
         results["validation_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    else:
-        # A report-only re-run keeps the last real-pipeline check (it takes minutes of generation).
-        previous = config.out_dir / "results.json"
-        if previous.exists():
-            earlier = json.loads(previous.read_text())
-            if earlier.get("validation"):
-                results["validation"] = earlier["validation"]
-                results["validation_at"] = earlier.get("validation_at", "an earlier run")
+        if config.validate_loads:
+            results["pipeline_latency"] = [vars_of(p) for p in _pipeline_latency(config, serving, runs[0], scorers[0],
+                                                                                 pareto, validation)]
+    # A report-only re-run keeps the last real-pipeline runs (they take many minutes).
+    previous = config.out_dir / "results.json"
+    earlier = json.loads(previous.read_text()) if previous.exists() else {}
+    for key, when in (("validation", "validation_at"), ("pipeline_latency", None)):
+        if key not in results and earlier.get(key):
+            results[key] = earlier[key]
+            if when:
+                results[when] = earlier.get(when, "an earlier run")
     figures = _plots(config, pareto, sizes, runs)
     results["figures"] = [str(f) for f in figures]
     config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +295,28 @@ def _validate(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: 
                                       config.out_dir / "validation", policy="similarity", threshold=-1.0,
                                       replayed_cache=True, reuse_min_similarity=bar))
     return points
+
+
+def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: WorkloadScorer,
+                      pareto: dict[str, dict[str, list[SystemPoint]]],
+                      validation: list[ValidationPoint]) -> list[LatencyPoint]:
+    """Latency through the real pipeline at each of ``config.validate_loads`` (multiples of always-large's
+    capacity as the validation just measured it), for always-large and EchoLM's fastest validated
+    configuration: the same requests, in the same order, as a Poisson stream."""
+    from echolm.evaluation.validation import PipelineRun, measure_latency
+
+    capacity = next(v.measured_rps for v in validation if v.system == ALWAYS_LARGE)
+    systems = pareto.get(run.workload.name, {})
+    specs = [PipelineRun(ALWAYS_LARGE, "always-large", None)]
+    if ECHOLM_REPLAY_REUSE in systems:
+        specs.append(PipelineRun(ECHOLM_REPLAY_REUSE, "similarity", -1.0, replayed_cache=True,
+                                 reuse_min_similarity=max(REUSE_BARS)))
+    elif SMALL_REPLAYED in systems:
+        specs.append(PipelineRun(SMALL_REPLAYED, "similarity", -1.0, replayed_cache=True))
+    items = run.workload.traffic[:config.validate]
+    return [measure_latency(settings, scorer, items, config.out_dir / "latency", spec=spec, rate_rps=load * capacity,
+                            load=load, seed=config.seed)
+            for load in config.validate_loads for spec in specs]
 
 
 def _plots(config: EvalConfig, pareto: dict[str, dict[str, list[SystemPoint]]],
@@ -456,6 +483,17 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
             lines.append(f"| {v['system']} | {v['requests']} | {v['measured_s']:.1f} | {v['predicted_s']:.1f} | "
                          f"{model_s} | {v['measured_rps']:.4f} | {v['predicted_rps']:.4f} | {100 * error:+.0f}% | {ratio} | "
                          f"{v['same_answers']}/{v['requests']} | {v['by_tier']} |")
+        lines.append("")
+    if results.get("pipeline_latency"):
+        lines += ["#### Latency through the real pipeline at fixed loads", "",
+                  "The same requests as above, in the same order, sent as a Poisson stream at a multiple of "
+                  "always-large's capacity as measured above; latency is each request's time from its send to its "
+                  "answer. With 40 requests or fewer the p99 is about the slowest request.", "",
+                  "| system | load (x always-large's capacity) | req/s | requests | errors | p50 s | p99 s | mean s | "
+                  "tiers |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in results["pipeline_latency"]:
+            lines.append(f"| {p['system']} | {p['load']:.2f} | {p['rate_rps']:.3f} | {p['requests']} | {p['errors']} | "
+                         f"{p['p50_s']:.1f} | {p['p99_s']:.1f} | {p['mean_s']:.1f} | {p['by_tier']} |")
         lines.append("")
     lines += ["#### Targets", ""]
     for name, summary in results["workloads"].items():

@@ -7,6 +7,10 @@ process, SQLite history seeded with the cache part's large-model answers) serves
 frozen (no admissions and no replay during the run), and a warm-up batch first loads both models. The batch's wall time
 is then compared with the cost model's prediction for the same requests and arms, and the pipeline's
 answers with the cached generations (same prompts, temperature 0).
+
+``measure_latency`` serves the same requests the same way as a Poisson stream at a fixed rate (the
+issue's "p50/p99 latency at fixed loads, measured through the real pipeline") and reports the latency
+each request saw from its send to its answer.
 """
 
 from __future__ import annotations
@@ -15,16 +19,26 @@ import asyncio
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from echolm.datasets import TaskItem
 from echolm.domain import ChatMessage, Example
-from echolm.evaluation.efficiency import ValidationPoint
+from echolm.evaluation.efficiency import LatencyPoint, ValidationPoint
 from echolm.evaluation.harness import WorkloadRun
 from echolm.evaluation.report import WorkloadScorer
 from echolm.evaluation.systems import EVAL_TENANT, Choice
+from echolm.evaluation.workload import poisson_arrivals
 from echolm.settings import Settings
+
+if TYPE_CHECKING:
+    from streams.records import RequestRecord, ResponseRecord  # streams is imported only when a run starts
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +98,52 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
     return base.model_copy(update=update)
 
 
+@dataclass(frozen=True)
+class PipelineRun:
+    """How one validation run sets up the pipeline: routing like ``system``, on the cache as seeded."""
+
+    system: str
+    policy: str
+    threshold: float | None
+    replayed_cache: bool = False
+    reuse_min_similarity: float | None = None
+
+
+@contextmanager
+def serving_pipeline(base: Settings, run: WorkloadRun, spec: PipelineRun, data_dir: Path,
+                     timeout_s: float) -> Iterator[Settings]:
+    """An embedded broker and one worker process routing as ``spec`` says, on a fresh history seeded with
+    the cache part (as the replay phase left it, with ``spec.replayed_cache``), both models loaded by a
+    warm-up request each; yields the live settings."""
+    from streams.batch import run_batch
+    from streams.broker import EmbeddedBroker
+    from streams.worker import WorkerProcess
+
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    settings = pipeline_settings(base, run, data_dir.resolve(), policy=spec.policy, threshold=spec.threshold,
+                                 reuse_min_similarity=spec.reuse_min_similarity)
+    asyncio.run(_seed_history(settings, run, run.replayed_examples() if spec.replayed_cache else run.examples()))
+    warm_in = data_dir / "warmup.jsonl"
+    # One request routed to each tier, so both models are loaded before the clock starts.
+    warm_in.write_text(_batch_line("warm-small", run.examples()[0].prompt, 8) + "\n"
+                       + _batch_line("warm-large", WARMUP_PROMPT, 8) + "\n")
+    with EmbeddedBroker(data_dir) as broker:
+        live = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+        worker = WorkerProcess(live, log_path=data_dir / "worker.log")
+        worker.start()
+        try:
+            asyncio.run(asyncio.wait_for(run_batch(live, warm_in, data_dir / "warmup.out.jsonl", progress=False),
+                                         timeout_s))
+            yield live
+        finally:
+            worker.stop()
+
+
+def _data_dir(work_dir: Path, system: str, suffix: str = "") -> Path:
+    return work_dir / (system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "") + suffix)
+
+
 def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, policy: str, threshold: float | None,
                     replayed_cache: bool = False, reuse_min_similarity: float | None = None,
@@ -92,34 +152,17 @@ def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices
     docstring); the prediction credits the tiers' prefix caches as the scorer does. With
     ``replayed_cache`` the history holds the cache as the replay phase left it."""
     from streams.batch import run_batch
-    from streams.broker import EmbeddedBroker
-    from streams.worker import WorkerProcess
 
     run = scorer.run
-    data_dir = work_dir / system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
-    settings = pipeline_settings(base, run, data_dir.resolve(), policy=policy, threshold=threshold,
-                                 reuse_min_similarity=reuse_min_similarity)
-    asyncio.run(_seed_history(settings, run, run.replayed_examples() if replayed_cache else run.examples()))
-    warm_in, main_in = data_dir / "warmup.jsonl", data_dir / "requests.jsonl"
-    # One request routed to each tier, so both models are loaded before the clock starts.
-    warm_in.write_text(_batch_line("warm-small", run.examples()[0].prompt, 8) + "\n"
-                       + _batch_line("warm-large", WARMUP_PROMPT, 8) + "\n")
-    # Custom ids carry the position: a repeated request is served (and counted) again.
-    main_in.write_text("".join(_batch_line(_custom_id(n, item), item.prompt, run.workload.max_tokens) + "\n"
-                               for n, item in enumerate(items)))
-    with EmbeddedBroker(data_dir) as broker:
-        live = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
-        worker = WorkerProcess(live, log_path=data_dir / "worker.log")
-        worker.start()
-        try:
-            asyncio.run(asyncio.wait_for(run_batch(live, warm_in, data_dir / "warmup.out.jsonl", progress=False),
-                                         timeout_s))
-            summary = asyncio.run(asyncio.wait_for(
-                run_batch(live, main_in, data_dir / "requests.out.jsonl", progress=True), timeout_s))
-        finally:
-            worker.stop()
+    data_dir = _data_dir(work_dir, system)
+    spec = PipelineRun(system, policy, threshold, replayed_cache, reuse_min_similarity)
+    with serving_pipeline(base, run, spec, data_dir, timeout_s) as live:
+        main_in = data_dir / "requests.jsonl"
+        # Custom ids carry the position: a repeated request is served (and counted) again.
+        main_in.write_text("".join(_batch_line(_custom_id(n, item), item.prompt, run.workload.max_tokens) + "\n"
+                                   for n, item in enumerate(items)))
+        summary = asyncio.run(asyncio.wait_for(
+            run_batch(live, main_in, data_dir / "requests.out.jsonl", progress=True), timeout_s))
     answers: dict[str, tuple[str, str]] = {}
     generate_s = 0.0
     for line in (data_dir / "requests.out.jsonl").read_text().splitlines():
@@ -150,3 +193,71 @@ def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices
     return ValidationPoint(system=system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
                            by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate)
+
+
+async def _serve_paced(settings: Settings, requests: Sequence[RequestRecord], offsets: Sequence[float],
+                       stall_timeout_s: float) -> dict[str, ResponseRecord]:
+    """Send each request at its offset (stamped ``submitted_at`` then) and collect every response."""
+    from streams.kafka_io import RequestProducer, ResponseCollector, create_topics
+    from streams.records import ResponseRecord
+
+    await create_topics(settings)
+    wanted = {r.request_id for r in requests}
+    responses: dict[str, ResponseRecord] = {}
+    async with ResponseCollector(settings) as collector, RequestProducer(settings) as producer:
+        async def send_on_schedule() -> None:
+            started = time.monotonic()
+            deliveries = []
+            for request, offset in zip(requests, offsets, strict=True):
+                await asyncio.sleep(max(0.0, started + offset - time.monotonic()))
+                deliveries.append(await producer.send(request.model_copy(update={"submitted_at": time.time()})))
+            await asyncio.gather(*deliveries)
+
+        sender = asyncio.create_task(send_on_schedule())
+        last_progress = time.monotonic()
+        try:
+            async for batch in collector.batches():
+                for item in batch:
+                    if isinstance(item, ResponseRecord) and item.request_id in wanted:
+                        responses.setdefault(item.request_id, item)
+                        last_progress = time.monotonic()
+                if len(responses) == len(wanted):
+                    break
+                if sender.done() and time.monotonic() - last_progress > stall_timeout_s:
+                    raise RuntimeError(f"no response for {stall_timeout_s:.0f}s; "
+                                       f"{len(wanted) - len(responses)} request(s) unanswered")
+            await sender
+        finally:
+            sender.cancel()
+    return responses
+
+
+def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[TaskItem], work_dir: Path, *,
+                    spec: PipelineRun, rate_rps: float, load: float, seed: int = 0,
+                    timeout_s: float = 1800.0) -> LatencyPoint:
+    """Serve ``items`` through the real pipeline as a Poisson stream at ``rate_rps`` (``load`` times
+    always-large's measured capacity) and report the latency each request saw, submission to answer."""
+    from streams.records import RequestRecord
+
+    run = scorer.run
+    data_dir = _data_dir(work_dir, spec.system, f"@{load:g}")
+    requests = [RequestRecord.model_validate({
+        "request_id": f"paced-{n:04d}-{item.id}", "tenant": EVAL_TENANT, "custom_id": _custom_id(n, item),
+        "messages": [{"role": "user", "content": item.prompt}], "max_tokens": run.workload.max_tokens,
+        "temperature": 0.0}) for n, item in enumerate(items)]
+    arrivals = poisson_arrivals(len(requests), rate_rps, seed)
+    offsets = (arrivals - arrivals[0]).tolist()  # the first request is sent at once
+    with serving_pipeline(base, run, spec, data_dir, timeout_s) as live:
+        log.info("%s: %d requests at %.3f req/s (%.2fx always-large's capacity)", spec.system, len(requests),
+                 rate_rps, load)
+        responses = asyncio.run(asyncio.wait_for(_serve_paced(live, requests, offsets, 600.0), timeout_s))
+    answered = [r for r in responses.values() if r.ok]
+    latencies = sorted(r.finished_at - r.submitted_at for r in answered)
+    by_tier: dict[str, int] = {}
+    for r in answered:
+        by_tier[r.tier or "?"] = by_tier.get(r.tier or "?", 0) + 1
+    return LatencyPoint(system=spec.system, load=load, rate_rps=rate_rps, requests=len(requests),
+                        errors=len(requests) - len(answered),
+                        p50_s=float(np.percentile(latencies, 50)) if latencies else float("nan"),
+                        p99_s=float(np.percentile(latencies, 99)) if latencies else float("nan"),
+                        mean_s=float(np.mean(latencies)) if latencies else float("nan"), by_tier=by_tier)

@@ -31,7 +31,7 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     docs = tmp_path / "evaluation.md"
     docs.write_text(f"# Evaluation\n\nprose before\n\n{RESULTS_BEGIN}\nold\n{RESULTS_END}\n\nprose after\n")
     config = EvalConfig(workloads=["mbpp", "gsm8k-numbers-program"], n_cache=6, n_traffic=6, limit=6, cache_dir=tmp_path / "cache",
-                        validate=2, out_dir=tmp_path / "out", figures_dir=tmp_path / "figures", docs=docs,
+                        validate=2, validate_loads=[0.5], out_dir=tmp_path / "out", figures_dir=tmp_path / "figures", docs=docs,
                         progress=False)
     base = Settings(tiers=ECHO_TIERS, data_dir=tmp_path / "state", log_level="WARNING")
 
@@ -73,6 +73,13 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     # The models' own time is read from the responses: the echo large tier sleeps 0.03 s per request.
     assert results["validation"][0]["generate_s"] >= 2 * 0.03
     assert "EchoLM with replay + verbatim reuse of repeats" in systems
+    # Latency at a fixed load through the pipeline: always-large and EchoLM with replay + reuse, every
+    # request answered.
+    latency = results["pipeline_latency"]
+    assert [p["system"] for p in latency] == ["always-large", "EchoLM with replay + verbatim reuse of repeats"]
+    assert all(p["requests"] == 2 and p["errors"] == 0 and 0 < p["p50_s"] <= p["p99_s"] for p in latency)
+    assert latency[0]["rate_rps"] == pytest.approx(0.5 * results["validation"][0]["measured_rps"])
+    assert "Latency through the real pipeline at fixed loads" in docs.read_text()
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 10_000
     text = docs.read_text()
