@@ -30,7 +30,7 @@ from echolm.assets import resolve_model  # noqa: E402
 from echolm.evaluation.evaluate import eval_settings, prefix_credit  # noqa: E402
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache  # noqa: E402
 from echolm.evaluation.harness import WorkloadRun, default_embedder  # noqa: E402
-from echolm.evaluation.replay_phase import ReplayStore, stored_or_replayed  # noqa: E402
+from echolm.evaluation.replay_phase import stored_replayer  # noqa: E402
 from echolm.evaluation.workload import load_workload  # noqa: E402
 from echolm.generation.llamacpp import LlamaCppGenerator  # noqa: E402
 from echolm.settings import Settings  # noqa: E402
@@ -100,9 +100,9 @@ def main() -> None:
     if args.arm == "small+replayed":
         from echolm.evaluation.quality import VerdictCache
 
-        run.replayer = lambda r, generate: stored_or_replayed(  # noqa: E731 - stored outcome only
-            r, False, store=ReplayStore(args.cache_dir), settings=settings, verdicts=VerdictCache(args.cache_dir),
-            samples=args.replay_samples)
+        # Only a stored outcome is read: the arm is served with replay_outcome(generate=False).
+        run.replayer = stored_replayer(args.cache_dir, settings, VerdictCache(args.cache_dir),
+                                       samples=args.replay_samples)
     started = time.monotonic()
     result = asyncio.run(side_by_side(run, args.arm, settings, args.limit))
     result["wall_s"] = round(time.monotonic() - started, 1)

@@ -21,7 +21,7 @@ from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCach
 from echolm.evaluation.harness import PHASES, REPLAYED_ARM, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
 from echolm.evaluation.quality import VerdictCache
-from echolm.evaluation.replay_phase import ReplayOutcome, ReplayStore, stored_or_replayed
+from echolm.evaluation.replay_phase import ReplayOutcome, stored_replayer
 from echolm.evaluation.stage2 import learned_selections
 from echolm.evaluation.report import (
     ALWAYS_LARGE,
@@ -189,7 +189,6 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
     verdicts = VerdictCache(config.cache_dir)
     embedder = default_embedder(settings)
     selector = _stage2_selector(settings, config.k)
-    replays = ReplayStore(config.cache_dir)
     runs = []
     for workload in _workloads(config, settings):
         run = WorkloadRun.build(workload, settings, cache, embedder, k=config.k, seed=config.seed)
@@ -197,8 +196,8 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         run.learned_selector = partial(learned_selections, verdicts=verdicts,
                                        threshold=settings.learning.selection_threshold, max_count=config.k,
                                        seed=config.seed)
-        run.replayer = partial(stored_or_replayed, store=replays, settings=settings, verdicts=verdicts,
-                               samples=config.replay_samples, progress=config.progress)
+        run.replayer = stored_replayer(config.cache_dir, settings, verdicts, samples=config.replay_samples,
+                                       progress=config.progress)
         runs.append(run)
     started = time.monotonic()
     if config.generate:

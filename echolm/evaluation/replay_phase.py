@@ -25,7 +25,9 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,3 +224,10 @@ def stored_or_replayed(run: WorkloadRun, generate: bool, *, store: ReplayStore, 
                                progress=progress)
         store.put(key, outcome)
     return outcome
+
+
+def stored_replayer(cache_dir: Path, settings: Settings, verdicts: VerdictCache, *, samples: int,
+                    progress: bool = True) -> Callable[[WorkloadRun, bool], ReplayOutcome | None]:
+    """What ``WorkloadRun.replayer`` takes: the replay phase, its outcomes stored under ``cache_dir``."""
+    return partial(stored_or_replayed, store=ReplayStore(cache_dir), settings=settings, verdicts=verdicts,
+                   samples=samples, progress=progress)
