@@ -46,10 +46,6 @@ class PrefixIndex(Generic[V]):
         self._used = 0
 
     @property
-    def capacity_bytes(self) -> int:
-        return self._capacity
-
-    @property
     def bytes_used(self) -> int:
         return self._used
 
