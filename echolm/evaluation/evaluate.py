@@ -11,6 +11,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ from echolm.evaluation.efficiency import CostModel, CostSample, LatencyPoint, Va
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs
 from echolm.evaluation.harness import PHASES, REPLAYED_ARM, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
+from echolm.datasets import TaskItem
 from echolm.evaluation.quality import VerdictCache
 from echolm.evaluation.replay_phase import ReplayOutcome, stored_replayer
 from echolm.evaluation.stage2 import learned_selections
@@ -32,7 +34,6 @@ from echolm.evaluation.report import (
     ECHOLM_REPLAY_REUSE,
     ECHOLM_REUSE,
     ECHOLM_SIMILARITY,
-    REUSE_BARS,
     ROUTELLM,
     SEMANTIC_CACHE,
     SEMANTIC_CACHE_REPLAYED,
@@ -47,10 +48,13 @@ from echolm.evaluation.report import (
     evaluate_workload,
     latency_table,
     operating_point,
+    replay_reuse_choices,
     systems_table,
     throughput_at_win_rate,
     tokens_table,
 )
+from echolm.evaluation.systems import Choice
+from echolm.evaluation.validation import PipelineRun, measure_latency, validate_system
 from echolm.evaluation.workload import BUILT_IN_WORKLOADS, Workload, load_workload
 from echolm.settings import Settings
 
@@ -239,14 +243,15 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         if config.validate_loads:
             results["pipeline_latency"] = [vars_of(p) for p in _pipeline_latency(config, serving, runs[0], scorers[0],
                                                                                  pareto, validation)]
-    # A report-only re-run keeps the last real-pipeline runs (they take many minutes).
+    # A report-only re-run keeps the last real-pipeline runs (they take many minutes); latency figures
+    # only with the validation they were measured against.
     previous = config.out_dir / "results.json"
     earlier = json.loads(previous.read_text()) if previous.exists() else {}
-    for key, when in (("validation", "validation_at"), ("pipeline_latency", None)):
-        if key not in results and earlier.get(key):
-            results[key] = earlier[key]
-            if when:
-                results[when] = earlier.get(when, "an earlier run")
+    if "validation" not in results and earlier.get("validation"):
+        results["validation"] = earlier["validation"]
+        results["validation_at"] = earlier.get("validation_at", "an earlier run")
+        if earlier.get("pipeline_latency"):
+            results["pipeline_latency"] = earlier["pipeline_latency"]
     figures = _plots(config, pareto, sizes, runs)
     results["figures"] = [str(f) for f in figures]
     config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,12 +269,10 @@ def _validate(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: 
               pareto: dict[str, dict[str, list[SystemPoint]]]) -> list[ValidationPoint]:
     """The first ``config.validate`` traffic requests in arrival order (repeats included, so the tiers'
     prefix caches see what they would), through the real pipeline."""
-    from echolm.evaluation.systems import Choice
-    from echolm.evaluation.validation import validate_system
-
     items = run.workload.traffic[:config.validate]
-    points = [validate_system(settings, scorer, ALWAYS_LARGE, {i.id: Choice(arm="large") for i in items}, items,
-                              config.out_dir / "validation", policy="always-large", threshold=None)]
+    work_dir = config.out_dir / "validation"
+    points = [validate_system(settings, scorer, PipelineRun(ALWAYS_LARGE, "always-large", None),
+                              {i.id: Choice(arm="large") for i in items}, items, work_dir)]
     if run.workload.name in pareto and ECHOLM_SIMILARITY in pareto[run.workload.name]:
         # A threshold that offloads about half of these requests: the cost model has to predict a mix of
         # both tiers (the operating point may offload none of so few requests).
@@ -277,23 +280,37 @@ def _validate(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: 
         threshold = sims[len(sims) // 2]
         choices = {i.id: Choice(arm="small+nearest") if run.table.best(i.id)[1] >= threshold else Choice(arm="large")
                    for i in items}
-        points.append(validate_system(settings, scorer, ECHOLM_SIMILARITY, choices, items,
-                                      config.out_dir / "validation", policy="similarity", threshold=threshold))
+        points.append(validate_system(settings, scorer, PipelineRun(ECHOLM_SIMILARITY, "similarity", threshold),
+                                      choices, items, work_dir))
     if run.workload.name in pareto and SMALL_REPLAYED in pareto[run.workload.name]:
         # Every request offloaded to the replayed cache's nearest examples: the system behind the lift.
-        points.append(validate_system(settings, scorer, SMALL_REPLAYED, {i.id: Choice(arm=REPLAYED_ARM) for i in items},
-                                      items, config.out_dir / "validation", policy="similarity", threshold=-1.0,
-                                      replayed_cache=True))
-    if run.workload.name in pareto and ECHOLM_REPLAY_REUSE in pareto[run.workload.name]:
-        # The same, with repeats answered verbatim from the replayed cache (the pipeline's reuse setting).
-        bar = max(REUSE_BARS)
-        choices = {i.id: (Choice(cached_index=index, similarity=sim, replayed_cache=True) if sim >= bar
-                          else Choice(arm=REPLAYED_ARM))
-                   for i in items for index, sim in [run.table.best(i.id)]}
-        points.append(validate_system(settings, scorer, ECHOLM_REPLAY_REUSE, choices, items,
-                                      config.out_dir / "validation", policy="similarity", threshold=-1.0,
-                                      replayed_cache=True, reuse_min_similarity=bar))
+        points.append(validate_system(settings, scorer, PipelineRun(SMALL_REPLAYED, "similarity", -1.0,
+                                                                    replayed_cache=True),
+                                      {i.id: Choice(arm=REPLAYED_ARM) for i in items}, items, work_dir))
+    reuse = _replay_reuse_run(run, pareto, items)
+    if reuse is not None:
+        # EchoLM with replay + reuse at the report's operating point: repeats answered verbatim from the
+        # replayed cache (the pipeline's reuse setting), the rest routed by similarity.
+        points.append(validate_system(settings, scorer, *reuse, items, work_dir))
     return points
+
+
+def _replay_reuse_run(run: WorkloadRun, pareto: dict[str, dict[str, list[SystemPoint]]],
+                      items: Sequence[TaskItem]) -> tuple[PipelineRun, dict[str, Choice]] | None:
+    """The pipeline set up as EchoLM with replay + reuse at its operating point, and its choices for
+    ``items``; None when the run has no such system."""
+    points = pareto.get(run.workload.name, {}).get(ECHOLM_REPLAY_REUSE)
+    if not points:
+        return None
+    point = operating_point(points)
+    assert point.reuse_min_similarity is not None and point.knob_value is not None
+    best = {i.id: run.table.best(i.id) for i in items}
+    hits = {rid: Choice(cached_index=index, similarity=sim, replayed_cache=True) for rid, (index, sim) in best.items()}
+    choices = replay_reuse_choices({rid: sim for rid, (_, sim) in best.items()}, hits, point.reuse_min_similarity,
+                                   point.knob_value)
+    spec = PipelineRun(ECHOLM_REPLAY_REUSE, "similarity", point.knob_value, replayed_cache=True,
+                       reuse_min_similarity=point.reuse_min_similarity)
+    return spec, choices
 
 
 def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: WorkloadScorer,
@@ -302,17 +319,15 @@ def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, 
     """Latency through the real pipeline at each of ``config.validate_loads`` (multiples of always-large's
     capacity as the validation just measured it), for always-large and EchoLM's fastest validated
     configuration: the same requests, in the same order, as a Poisson stream."""
-    from echolm.evaluation.validation import PipelineRun, measure_latency
-
     capacity = next(v.measured_rps for v in validation if v.system == ALWAYS_LARGE)
     systems = pareto.get(run.workload.name, {})
     specs = [PipelineRun(ALWAYS_LARGE, "always-large", None)]
-    if ECHOLM_REPLAY_REUSE in systems:
-        specs.append(PipelineRun(ECHOLM_REPLAY_REUSE, "similarity", -1.0, replayed_cache=True,
-                                 reuse_min_similarity=max(REUSE_BARS)))
+    items = run.workload.traffic[:config.validate]
+    reuse = _replay_reuse_run(run, pareto, items)
+    if reuse is not None:
+        specs.append(reuse[0])
     elif SMALL_REPLAYED in systems:
         specs.append(PipelineRun(SMALL_REPLAYED, "similarity", -1.0, replayed_cache=True))
-    items = run.workload.traffic[:config.validate]
     return [measure_latency(settings, scorer, items, config.out_dir / "latency", spec=spec, rate_rps=load * capacity,
                             load=load, seed=config.seed)
             for load in config.validate_loads for spec in specs]

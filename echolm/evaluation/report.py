@@ -82,6 +82,8 @@ class SystemPoint:
     mean_cost_s: float
     tokens: dict[str, dict[str, float]] = field(default_factory=dict)
     service_times: list[float] = field(default_factory=list, repr=False)
+    # The verbatim-reuse bar of the systems that answer repeats from the cache (None for the others).
+    reuse_min_similarity: float | None = None
 
     @property
     def prefill_reused_share(self) -> float:
@@ -320,10 +322,11 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
         systems[ECHOLM_COLD] = _router_sweep(scorer, ECHOLM_COLD, "utility gap mu_small - mu_large >=", gaps,
                                              Choice(arm="small+selected"), Choice(arm="large"))
         systems[ECHOLM_REUSE] = [
-            scorer.evaluate(ECHOLM_REUSE, {rid: hits[rid] if similarity[rid] >= bar else choice
-                                           for rid, choice in threshold_choices(
-                                               gaps, t, Choice(arm="small+selected"), Choice(arm="large")).items()},
-                            knob=f"reuse at similarity >= {bar}; utility gap >=", knob_value=t)
+            replace(scorer.evaluate(ECHOLM_REUSE, {rid: hits[rid] if similarity[rid] >= bar else choice
+                                                   for rid, choice in threshold_choices(
+                                                       gaps, t, Choice(arm="small+selected"), Choice(arm="large")).items()},
+                                    knob=f"reuse at similarity >= {bar}; utility gap >=", knob_value=t),
+                    reuse_min_similarity=bar)
             for bar in REUSE_BARS for t in sweep_thresholds(gaps.values())]
     if scorer.run.learned_selector is not None and scorer.available("small+learned"):
         systems[SMALL_LEARNED] = [_fixed(scorer, SMALL_LEARNED, "small+learned", True)]
@@ -342,12 +345,20 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
         # The pipeline's ECHOLM_REUSE_MIN_SIMILARITY on a replayed cache: repeats get the (upgraded) cached
         # answer, everything else goes through the similarity router.
         systems[ECHOLM_REPLAY_REUSE] = [
-            scorer.evaluate(ECHOLM_REPLAY_REUSE, {rid: replayed_hits[rid] if similarity[rid] >= bar else choice
-                                                  for rid, choice in threshold_choices(
-                                                      similarity, t, Choice(arm=REPLAYED_ARM), Choice(arm="large")).items()},
-                            knob=f"reuse at similarity >= {bar}; best example similarity >=", knob_value=t)
+            replace(scorer.evaluate(ECHOLM_REPLAY_REUSE, replay_reuse_choices(similarity, replayed_hits, bar, t),
+                                    knob=f"reuse at similarity >= {bar}; best example similarity >=", knob_value=t),
+                    reuse_min_similarity=bar)
             for bar in REUSE_BARS for t in sweep_thresholds(similarity.values())]
     return systems
+
+
+def replay_reuse_choices(similarity: dict[str, float], replayed_hits: dict[str, Choice], bar: float,
+                         threshold: float) -> dict[str, Choice]:
+    """EchoLM with replay + reuse at one setting: a repeat (similarity >= ``bar``) gets the replayed cache's
+    answer verbatim, the rest go to the small tier with the replayed examples at similarity >=
+    ``threshold``, else to the large tier."""
+    routed = threshold_choices(similarity, threshold, Choice(arm=REPLAYED_ARM), Choice(arm="large"))
+    return {rid: replayed_hits[rid] if similarity[rid] >= bar else choice for rid, choice in routed.items()}
 
 
 def cache_size_points(scorer: WorkloadScorer) -> list[tuple[int, SystemPoint]]:

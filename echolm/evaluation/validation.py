@@ -144,18 +144,15 @@ def _data_dir(work_dir: Path, system: str, suffix: str = "") -> Path:
     return work_dir / (system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "") + suffix)
 
 
-def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices: dict[str, Choice],
-                    items: Sequence[TaskItem], work_dir: Path, *, policy: str, threshold: float | None,
-                    replayed_cache: bool = False, reuse_min_similarity: float | None = None,
-                    timeout_s: float = 1800.0) -> ValidationPoint:
-    """Serve ``items`` through the real pipeline, in order, and compare with the cost model (module
-    docstring); the prediction credits the tiers' prefix caches as the scorer does. With
-    ``replayed_cache`` the history holds the cache as the replay phase left it."""
+def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, choices: dict[str, Choice],
+                    items: Sequence[TaskItem], work_dir: Path, *, timeout_s: float = 1800.0) -> ValidationPoint:
+    """Serve ``items`` through the real pipeline set up as ``spec``, in order, and compare with the cost
+    model's prediction for ``choices`` (module docstring); the prediction credits the tiers' prefix
+    caches as the scorer does."""
     from streams.batch import run_batch
 
     run = scorer.run
-    data_dir = _data_dir(work_dir, system)
-    spec = PipelineRun(system, policy, threshold, replayed_cache, reuse_min_similarity)
+    data_dir = _data_dir(work_dir, spec.system)
     with serving_pipeline(base, run, spec, data_dir, timeout_s) as live:
         main_in = data_dir / "requests.jsonl"
         # Custom ids carry the position: a repeated request is served (and counted) again.
@@ -190,7 +187,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, system: str, choices
     for _, tier in answers.values():
         by_tier[tier] = by_tier.get(tier, 0) + 1
     n = len(items)
-    return ValidationPoint(system=system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
+    return ValidationPoint(system=spec.system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
                            by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate)
 
