@@ -36,6 +36,11 @@ class GenerationParams:
     seed: int | None = None
 
 
+# Keys of a response's ``timings`` holding the generate stage's split (see ``GenerationResult``).
+PREFILL_TIMING = "generate.prefill"
+DECODE_TIMING = "generate.decode"
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
     text: str
@@ -45,6 +50,18 @@ class GenerationResult:
     finish_reason: str
     latency_s: float
     cached_prompt_tokens: int = 0  # prompt tokens taken from the backend's prefix cache, not prefilled
+    # The backend's own split of this request's compute: until the first generated token (prompt
+    # evaluation) and after it. None where the backend does not time one request alone (a batching
+    # engine, an HTTP server); the router's token costs then fall back to a regression.
+    prefill_s: float | None = None
+    decode_s: float | None = None
+
+    def split_timings(self) -> dict[str, float]:
+        """The prefill/decode split as entries of a response's ``timings`` (parts of ``generate``, not
+        stages of their own); empty where the backend gives none."""
+        if self.prefill_s is None or self.decode_s is None:
+            return {}
+        return {PREFILL_TIMING: self.prefill_s, DECODE_TIMING: self.decode_s}
 
 
 @dataclass(frozen=True, slots=True)

@@ -340,8 +340,8 @@ class GenerateStage:
             examples=used, route=record.route, prompt_tokens=result.prompt_tokens,
             cached_prompt_tokens=result.cached_prompt_tokens,
             completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
-            timings={**record.timings, "generate": result.latency_s}, embedding_b64=record.embedding_b64,
-            submitted_at=request.submitted_at,
+            timings={**record.timings, "generate": result.latency_s, **result.split_timings()},
+            embedding_b64=record.embedding_b64, submitted_at=request.submitted_at,
         )
 
 

@@ -174,15 +174,22 @@ class LlamaCppGenerator:
         return deadline is not None and time.monotonic() > deadline
 
     def _complete(self, messages: list[ChatMessage], params: GenerationParams,
-                  deadline: float) -> tuple[dict[str, Any], int]:
-        """The completion, and how many prompt tokens came from a kept KV state."""
+                  deadline: float) -> tuple[dict[str, Any], int, tuple[float, float]]:
+        """The completion, how many prompt tokens came from a kept KV state, and the seconds spent
+        before the first generated token (restoring a state, prefill) and after it."""
         llm = self._load()
         if time.monotonic() > deadline:
             raise _DeadlineExceeded
         self._deadline = deadline
+        started = time.monotonic()
+        first_token_at: list[float] = []
 
         def stop_at_deadline(input_ids: Any, scores: Any) -> Any:
-            if time.monotonic() > deadline:
+            # Called once per sampled token, so its first call marks the end of prompt evaluation.
+            now = time.monotonic()
+            if not first_token_at:
+                first_token_at.append(now)
+            if now > deadline:
                 raise _DeadlineExceeded
             return scores
 
@@ -203,7 +210,9 @@ class LlamaCppGenerator:
             )
             if self._prefix is not None and self._formatter is not None:
                 self._prefix.save(llm)
-            return completion, reused
+            finished = time.monotonic()
+            prefilled = (first_token_at or [finished])[0]
+            return completion, reused, (prefilled - started, finished - prefilled)
         except Exception:
             # An aborted decode can leave half-written cache cells behind; start clean next time.
             _forget_cached_prompt(llm)
@@ -216,7 +225,8 @@ class LlamaCppGenerator:
     # -----------------------------------------------------------------------------------------
     # Results and errors
 
-    def _result(self, completion: dict[str, Any], reused: int, latency_s: float) -> GenerationResult:
+    def _result(self, completion: dict[str, Any], reused: int, split: tuple[float, float],
+                latency_s: float) -> GenerationResult:
         choice = completion["choices"][0]
         usage = completion.get("usage") or {}
         return GenerationResult(
@@ -227,6 +237,8 @@ class LlamaCppGenerator:
             finish_reason=choice.get("finish_reason") or "stop",
             latency_s=latency_s,
             cached_prompt_tokens=reused,
+            prefill_s=split[0],
+            decode_s=split[1],
         )
 
     def _timeout_error(self, request_id: str, phase: str) -> EchoLMError:

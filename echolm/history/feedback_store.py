@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import or_, select
 
-from echolm.domain import RouteContext
+from echolm.domain import DECODE_TIMING, PREFILL_TIMING, RouteContext
 from echolm.history.store import SqlHistoryStore
 from echolm.history.tables import ExampleRow, FeedbackRow, ResponseRow, utc_now
 from echolm.routing.route_context import route_context_from_json
@@ -74,6 +74,9 @@ class GenerationTiming:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    # The backend's own split of ``seconds`` (prefill until the first token, decode after), where logged.
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,10 @@ def outcomes_from_feedback(rows: Iterable[Feedback], tier_of: Mapping[str, str |
                 sums[(other_request, other_tier)].append(1.0 - row.quality)
     return [Outcome(request_id, tier, sum(values) / len(values), len(values))
             for (request_id, tier), values in sorted(sums.items())]
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:
@@ -282,7 +289,8 @@ class FeedbackStore:
                  .order_by(ResponseRow.finished_at.desc()).limit(limit))
         async with self._history._read() as connection:  # noqa: SLF001
             result = await connection.execute(query)
-            return [GenerationTiming(tier, int(p) - int(cached or 0), int(c), float(t["generate"]))
+            return [GenerationTiming(tier, int(p) - int(cached or 0), int(c), float(t["generate"]),
+                                     _seconds(t.get(PREFILL_TIMING)), _seconds(t.get(DECODE_TIMING)))
                     for p, c, t, cached in result if isinstance(t, dict) and "generate" in t]
 
     async def examples(self, ids: Sequence[int] | None = None, *, tenant: str | None = None,

@@ -1,10 +1,13 @@
 """Measured per-tier token costs (``C_i`` of the router) from the history's tokens and timings.
 
-The history has, per answer, its prompt and completion token counts and the generation's seconds, but
-not the split between prefill and decode. Per tier, ``seconds ~ a * prompt_tokens + b * completion_tokens``
-is fitted by non-negative least squares (``scipy.optimize.nnls``): ``a`` is the seconds per prefill
-token, ``b`` per decode token. Examples add prefill only, so a tier that receives examples gets a
-longer prompt in ``request_prompt_tokens``. The rates seed ``policy.load_bias.TokenCostModel``, whose
+The history has, per answer, its prompt and completion token counts and the generation's seconds, and
+where the backend times one request alone (llama.cpp) the split of those seconds into prefill (until
+the first generated token) and decode. Per tier, with enough split answers, the rates are the split's
+seconds over its tokens: ``a`` seconds per prefilled token, ``b`` per decoded token. Without the split
+(a batching engine, an HTTP server), ``seconds ~ a * prompt_tokens + b * completion_tokens`` is fitted
+by non-negative least squares (``scipy.optimize.nnls``); that needs prompts and answers of varied
+lengths, and a tier whose answers all stop at ``max_tokens`` gives it none. Examples add prefill only,
+so a tier that receives examples gets a longer prompt in ``request_prompt_tokens``. The rates seed ``policy.load_bias.TokenCostModel``, whose
 ``relative_costs`` gives ``C_i`` per request; a tier with too few answers keeps the configured prior.
 """
 
@@ -33,11 +36,17 @@ class TokenRates:
 
 
 def fit_token_rates(timings: Sequence[GenerationTiming]) -> TokenRates | None:
-    """NNLS fit of ``seconds ~ a * prompt + b * completion``; None with fewer than ``MIN_TIMINGS``
-    usable answers or when either rate comes out zero (the data cannot separate the two)."""
+    """Per-token rates from the logged split where at least ``MIN_TIMINGS`` answers have one, else the
+    NNLS fit of ``seconds ~ a * prompt + b * completion``; None with fewer usable answers or when either
+    rate comes out zero (the data cannot separate the two)."""
     usable = [t for t in timings if t.seconds > 0 and t.prompt_tokens > 0 and t.completion_tokens > 0]
     if len(usable) < MIN_TIMINGS:
         return None
+    split = [t for t in usable if t.prefill_seconds is not None and t.decode_seconds is not None]
+    if len(split) >= MIN_TIMINGS:
+        prefill = sum(t.prefill_seconds or 0.0 for t in split) / sum(t.prompt_tokens for t in split)
+        decode = sum(t.decode_seconds or 0.0 for t in split) / sum(t.completion_tokens for t in split)
+        return TokenRates(prefill, decode, len(split)) if prefill > 0 and decode > 0 else None
     x = np.array([[t.prompt_tokens, t.completion_tokens] for t in usable], dtype=np.float64)
     y = np.array([t.seconds for t in usable], dtype=np.float64)
     (prefill, decode), _ = nnls(x, y)

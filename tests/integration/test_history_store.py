@@ -473,3 +473,16 @@ async def test_generation_timings_count_only_the_prefilled_prompt_tokens(store: 
                                   response_log("unreported", tier="small", cached_prompt_tokens=None)])
     timings = await FeedbackStore(store).generation_timings("small")
     assert sorted(t.prompt_tokens for t in timings) == [12, 42]
+
+
+async def test_generation_timings_carry_the_backends_prefill_decode_split(store: SqlHistoryStore) -> None:
+    from echolm.history.feedback_store import FeedbackStore
+
+    if not isinstance(store, SqlHistoryStore):
+        pytest.skip("FeedbackStore reads the SQL history")
+    split = {"embed": 0.01, "generate": 1.5, "generate.prefill": 0.4, "generate.decode": 1.05}
+    await store.record_responses([response_log("split", tier="small", timings=split),
+                                  response_log("whole", tier="small")])
+    timings = await FeedbackStore(store).generation_timings("small")
+    assert sorted((t.prefill_seconds, t.decode_seconds) for t in timings if t.prefill_seconds) == [(0.4, 1.05)]
+    assert [(t.prefill_seconds, t.decode_seconds) for t in timings if not t.prefill_seconds] == [(None, None)]

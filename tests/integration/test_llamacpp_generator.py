@@ -49,6 +49,10 @@ async def test_answers_a_real_question_with_sane_token_counts(generator: LlamaCp
     assert 0 < result.completion_tokens <= 32
     assert result.finish_reason in {"stop", "length"}
     assert 0 < result.latency_s < 60
+    # The compute split the router's token costs are fitted on: both parts measured, within the call.
+    assert result.prefill_s is not None and result.decode_s is not None
+    assert result.prefill_s > 0 and result.decode_s > 0
+    assert result.prefill_s + result.decode_s <= result.latency_s
 
 
 async def test_concurrent_calls_are_serialised_and_all_answered(generator: LlamaCppGenerator) -> None:

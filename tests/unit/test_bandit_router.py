@@ -184,6 +184,24 @@ def test_token_rates_are_recovered_by_non_negative_least_squares():
     assert request_prompt_tokens(400, 800, {"small": True, "large": False}) == {"small": 300, "large": 100}
 
 
+def test_token_rates_come_from_the_logged_split_where_a_regression_cannot_separate_them():
+    # Every answer stopped at max_tokens, so decode time looks like a constant and the regression puts
+    # all of it on the prompt (what a small tier with examples and a short max_tokens logs).
+    prompts = [120, 260, 180, 400, 90, 330]
+    whole = [GenerationTiming("small", p, 16, 0.005 * p) for p in prompts]
+    assert fit_token_rates(whole) is None
+    split = [GenerationTiming("small", p, 16, 0.004 * p + 0.2, prefill_seconds=0.004 * p, decode_seconds=0.2)
+             for p in prompts]
+    rates = fit_token_rates(split)
+    assert rates is not None and rates.samples == 6
+    assert rates.prefill_s_per_token == pytest.approx(0.004)
+    assert rates.decode_s_per_token == pytest.approx(0.2 / 16)
+    # A few split answers among many without: the regression, on all of them.
+    mixed = split[:2] + [GenerationTiming("t", p, c, 0.002 * p + 0.05 * c)
+                         for p, c in [(50, 20), (400, 20), (100, 80), (900, 60), (30, 10)]]
+    assert fit_token_rates(mixed) is not None and fit_token_rates(mixed).samples == 7
+
+
 def logged(request_id: str, tier: str, start: float, end: float) -> LoggedRequest:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     return LoggedRequest(request_id, "t", "p", tier, (), (), {"embed": 0.0}, None, None, None,

@@ -92,6 +92,24 @@ async def test_generate_prepends_examples_only_for_an_offloaded_tier_that_takes_
     assert direct.ok and direct.tier == "large" and direct.embedding_b64
 
 
+class SplitTimingGenerator(EchoGenerator):
+    """An echo that reports a prefill/decode split, as the llama.cpp backend does."""
+
+    async def generate(self, messages, params, *, request_id):
+        result = await super().generate(messages, params, request_id=request_id)
+        return dataclasses.replace(result, prefill_s=0.25, decode_s=0.5)
+
+
+async def test_generate_logs_the_backends_prefill_decode_split_inside_its_timing():
+    split = GenerateStage(SETTINGS, TIERS[1], SplitTimingGenerator("echo-large"))
+    [answer] = decode(await split.process([await _routed("large", True)]), ResponseRecord)
+    assert (answer.timings["generate.prefill"], answer.timings["generate.decode"]) == (0.25, 0.5)
+    assert "generate" in answer.timings
+    plain = GenerateStage(SETTINGS, TIERS[1], EchoGenerator("echo-large"))
+    [answer] = decode(await plain.process([await _routed("large", True)]), ResponseRecord)
+    assert "generate" in answer.timings and "generate.prefill" not in answer.timings
+
+
 async def test_generation_errors_become_error_responses_and_dead_letters():
     slow = TIERS[1].model_copy(update={"timeout_s": 0.01})
     stage = GenerateStage(SETTINGS, slow, EchoGenerator("echo-large", delay_s=1.0, timeout_s=0.01))
