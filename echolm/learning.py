@@ -437,7 +437,8 @@ async def fit_router(store: FeedbackStore, models: ModelStore, embedder: Embedde
     data = await load_training_data(store, limit=limit)
     training = await router_training_set(store, models, embedder, settings, state, data)
     rates = {t: {"prefill_s_per_token": r.prefill_s_per_token, "decode_s_per_token": r.decode_s_per_token,
-                 "answers": r.samples} for t, r in measured.rates.items()}
+                 "prompt_reused_share": round(r.reused_share, 4), "answers": r.samples}
+             for t, r in measured.rates.items()}
     if not training.tiers:
         return RouterFit(None, 0, 0, None, {}, {}, rates)
     loss = state.bandit.model.fit(training.contexts, training.tiers, training.rewards, epochs=epochs)

@@ -77,6 +77,7 @@ class GenerationTiming:
     # The backend's own split of ``seconds`` (prefill until the first token, decode after), where logged.
     prefill_seconds: float | None = None
     decode_seconds: float | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens the tier's prefix cache supplied (not in prompt_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +291,7 @@ class FeedbackStore:
         async with self._history._read() as connection:  # noqa: SLF001
             result = await connection.execute(query)
             return [GenerationTiming(tier, int(p) - int(cached or 0), int(c), float(t["generate"]),
-                                     _seconds(t.get(PREFILL_TIMING)), _seconds(t.get(DECODE_TIMING)))
+                                     _seconds(t.get(PREFILL_TIMING)), _seconds(t.get(DECODE_TIMING)), int(cached or 0))
                     for p, c, t, cached in result if isinstance(t, dict) and "generate" in t]
 
     async def examples(self, ids: Sequence[int] | None = None, *, tenant: str | None = None,

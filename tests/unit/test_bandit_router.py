@@ -202,6 +202,20 @@ def test_token_rates_come_from_the_logged_split_where_a_regression_cannot_separa
     assert fit_token_rates(mixed) is not None and fit_token_rates(mixed).samples == 7
 
 
+def test_the_cost_model_expects_a_tiers_prefix_cache_to_supply_what_it_has_been_supplying():
+    # The small tier's prefix cache supplied 3 of every 4 prompt tokens (shared examples); the large one none.
+    small = [GenerationTiming("small", p, 16, 0.004 * p + 0.2, 0.004 * p, 0.2, cached_prompt_tokens=3 * p)
+             for p in (100, 200, 150, 120, 180)]
+    large = [GenerationTiming("large", p, 16, 0.01 * p + 0.8, 0.01 * p, 0.8) for p in (100, 200, 150, 120, 180)]
+    rates = {"small": fit_token_rates(small), "large": fit_token_rates(large)}
+    assert rates["small"].reused_share == pytest.approx(0.75) and rates["large"].reused_share == 0.0
+    assert rates["small"].prefill_s_per_token == pytest.approx(0.004)  # per prefilled token
+    costs = cost_model_from_rates({"small": 1.0, "large": 3.0}, rates)
+    # 800 prompt tokens sent to the small tier: a quarter of them prefilled.
+    assert costs.request_cost("small", 800, 16) == pytest.approx(0.004 * 200 + 0.2)
+    assert costs.request_cost("large", 200, 16) == pytest.approx(0.01 * 200 + 0.8)
+
+
 def logged(request_id: str, tier: str, start: float, end: float) -> LoggedRequest:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     return LoggedRequest(request_id, "t", "p", tier, (), (), {"embed": 0.0}, None, None, None,
