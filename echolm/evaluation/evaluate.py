@@ -17,11 +17,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from echolm.datasets import TaskItem
 from echolm.evaluation.efficiency import CostModel, CostSample, LatencyPoint, ValidationPoint, fit_cost_model
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs
 from echolm.evaluation.harness import PHASES, REPLAYED_ARM, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
-from echolm.datasets import TaskItem
 from echolm.evaluation.quality import VerdictCache
 from echolm.evaluation.replay_phase import ReplayOutcome, stored_replayer
 from echolm.evaluation.stage2 import learned_selections
