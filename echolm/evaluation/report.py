@@ -184,7 +184,7 @@ class WorkloadScorer:
         return self._large_cost_s
 
     def evaluate(self, system: str, choices: dict[str, Choice], *, knob: str = "", knob_value: float | None = None,
-                 uses_retrieval: bool = True) -> SystemPoint:
+                 uses_retrieval: bool = True, reuse_min_similarity: float | None = None) -> SystemPoint:
         large_total = self.large_cost_s()
         large_measured = sum(self.arm_result(self.items[r], "large").measured_s * n for r, n in self.counts.items())
         overhead = self.costs.retrieval_overhead_s if uses_retrieval else 0.0
@@ -217,7 +217,7 @@ class WorkloadScorer:
             losses=counts["loss"], throughput_rps=saturation_throughput(service),
             throughput_ratio=large_total / sum(service), measured_throughput_ratio=large_measured / sum(measured),
             small_share=small / n, cache_hit_share=hits / n, mean_cost_s=float(np.mean(service)), tokens=tokens,
-            service_times=service)
+            service_times=service, reuse_min_similarity=reuse_min_similarity)
 
     # ---------------------------------------------------------------------------------------------
     # Per-request scores the routers threshold on
@@ -322,11 +322,9 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
         systems[ECHOLM_COLD] = _router_sweep(scorer, ECHOLM_COLD, "utility gap mu_small - mu_large >=", gaps,
                                              Choice(arm="small+selected"), Choice(arm="large"))
         systems[ECHOLM_REUSE] = [
-            replace(scorer.evaluate(ECHOLM_REUSE, {rid: hits[rid] if similarity[rid] >= bar else choice
-                                                   for rid, choice in threshold_choices(
-                                                       gaps, t, Choice(arm="small+selected"), Choice(arm="large")).items()},
-                                    knob=f"reuse at similarity >= {bar}; utility gap >=", knob_value=t),
-                    reuse_min_similarity=bar)
+            scorer.evaluate(ECHOLM_REUSE, reuse_choices(similarity, hits, bar, threshold_choices(
+                                gaps, t, Choice(arm="small+selected"), Choice(arm="large"))),
+                            knob=f"reuse at similarity >= {bar}; utility gap >=", knob_value=t, reuse_min_similarity=bar)
             for bar in REUSE_BARS for t in sweep_thresholds(gaps.values())]
     if scorer.run.learned_selector is not None and scorer.available("small+learned"):
         systems[SMALL_LEARNED] = [_fixed(scorer, SMALL_LEARNED, "small+learned", True)]
@@ -345,20 +343,26 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
         # The pipeline's ECHOLM_REUSE_MIN_SIMILARITY on a replayed cache: repeats get the (upgraded) cached
         # answer, everything else goes through the similarity router.
         systems[ECHOLM_REPLAY_REUSE] = [
-            replace(scorer.evaluate(ECHOLM_REPLAY_REUSE, replay_reuse_choices(similarity, replayed_hits, bar, t),
-                                    knob=f"reuse at similarity >= {bar}; best example similarity >=", knob_value=t),
-                    reuse_min_similarity=bar)
+            scorer.evaluate(ECHOLM_REPLAY_REUSE, replay_reuse_choices(similarity, replayed_hits, bar, t),
+                            knob=f"reuse at similarity >= {bar}; best example similarity >=", knob_value=t,
+                            reuse_min_similarity=bar)
             for bar in REUSE_BARS for t in sweep_thresholds(similarity.values())]
     return systems
 
 
+def reuse_choices(similarity: dict[str, float], hits: dict[str, Choice], bar: float,
+                  routed: dict[str, Choice]) -> dict[str, Choice]:
+    """Verbatim reuse in front of a router: a repeat (similarity >= ``bar``) gets its cache hit, the rest
+    what the router chose."""
+    return {rid: hits[rid] if similarity[rid] >= bar else choice for rid, choice in routed.items()}
+
+
 def replay_reuse_choices(similarity: dict[str, float], replayed_hits: dict[str, Choice], bar: float,
                          threshold: float) -> dict[str, Choice]:
-    """EchoLM with replay + reuse at one setting: a repeat (similarity >= ``bar``) gets the replayed cache's
-    answer verbatim, the rest go to the small tier with the replayed examples at similarity >=
-    ``threshold``, else to the large tier."""
-    routed = threshold_choices(similarity, threshold, Choice(arm=REPLAYED_ARM), Choice(arm="large"))
-    return {rid: replayed_hits[rid] if similarity[rid] >= bar else choice for rid, choice in routed.items()}
+    """EchoLM with replay + reuse at one setting: repeats answered from the replayed cache, the rest sent
+    to the small tier with the replayed examples at similarity >= ``threshold``, else to the large tier."""
+    return reuse_choices(similarity, replayed_hits, bar,
+                         threshold_choices(similarity, threshold, Choice(arm=REPLAYED_ARM), Choice(arm="large")))
 
 
 def cache_size_points(scorer: WorkloadScorer) -> list[tuple[int, SystemPoint]]:
