@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR  # noqa: E402
 from echolm.evaluation.quality import VerdictCache, pass_fail_outcome, win_rate_of  # noqa: E402
+from echolm.evaluation.validation import read_answers  # noqa: E402
 from echolm.evaluation.workload import load_workload  # noqa: E402
 from echolm.settings import Settings  # noqa: E402
 
@@ -30,13 +31,8 @@ BASELINE = "always-large"
 
 def answers(run_dir: Path) -> dict[int, str]:
     """Position in the traffic -> the pipeline's answer text ('' for an error)."""
-    out = {}
-    for line in (run_dir / "requests.out.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        body = (record.get("response") or {}).get("body") or {}
-        text = body["choices"][0]["message"]["content"] if body.get("choices") else ""
-        out[int(record["custom_id"].split(":", 1)[0])] = text
-    return out
+    return {int(custom_id.split(":", 1)[0]): text
+            for custom_id, (text, _) in read_answers(run_dir / "requests.out.jsonl").items()}
 
 
 def main() -> None:
@@ -54,12 +50,13 @@ def main() -> None:
                              n_traffic=args.n_traffic, seed=args.seed)
     verdicts = VerdictCache(args.cache_dir)
     runs = {d.name: answers(d) for d in sorted(args.validation.iterdir()) if (d / "requests.out.jsonl").exists()}
-    baseline_dir = next(name for name in runs if name == BASELINE)
+    if BASELINE not in runs:
+        sys.exit(f"{args.validation} has no {BASELINE} run: its answers are the baseline of the win rate")
     passed = {name: {n: verdicts.verify(workload.traffic[n], text, workload.verifier).passed
                      for n, text in run.items()} for name, run in runs.items()}
     report = {}
     for name, run_passed in passed.items():
-        outcomes = [pass_fail_outcome(ok, passed[baseline_dir][n]) for n, ok in run_passed.items()]
+        outcomes = [pass_fail_outcome(ok, passed[BASELINE][n]) for n, ok in run_passed.items()]
         counts = Counter(outcomes)
         report[name] = {"requests": len(outcomes), "accuracy": round(sum(run_passed.values()) / len(outcomes), 3),
                         "win_rate_vs_always_large_run": round(win_rate_of(outcomes), 3),

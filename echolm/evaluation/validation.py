@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -144,6 +144,17 @@ def _data_dir(work_dir: Path, system: str, suffix: str = "") -> Path:
     return work_dir / (system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "") + suffix)
 
 
+def read_answers(batch_output: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """custom_id -> (the answer's text, '' for an error; its EchoLM provenance) from a batch output file."""
+    out = {}
+    for line in batch_output.read_text().splitlines():
+        record = json.loads(line)
+        body = (record.get("response") or {}).get("body") or {}
+        text = body["choices"][0]["message"]["content"] if body.get("choices") else ""
+        out[record["custom_id"]] = (text, body.get("echolm") or {})
+    return out
+
+
 def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, timeout_s: float = 1800.0) -> ValidationPoint:
     """Serve ``items`` through the real pipeline set up as ``spec``, in order, and compare with the cost
@@ -160,16 +171,9 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
                                    for n, item in enumerate(items)))
         summary = asyncio.run(asyncio.wait_for(
             run_batch(live, main_in, data_dir / "requests.out.jsonl", progress=True), timeout_s))
-    answers: dict[str, tuple[str, str]] = {}
-    generate_s = 0.0
-    for line in (data_dir / "requests.out.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        response = record.get("response") or {}
-        body = response.get("body") or {}
-        text = body["choices"][0]["message"]["content"] if body.get("choices") else ""
-        provenance = body.get("echolm") or {}
-        answers[record["custom_id"]] = (text, provenance.get("tier", ""))
-        generate_s += float((provenance.get("timings") or {}).get("generate", 0.0))
+    served = read_answers(data_dir / "requests.out.jsonl")
+    answers = {custom_id: (text, provenance.get("tier", "")) for custom_id, (text, provenance) in served.items()}
+    generate_s = sum(float((provenance.get("timings") or {}).get("generate", 0.0)) for _, provenance in served.values())
     same = 0
     predicted = predicted_generate = 0.0
     for n, (item, result, cost, _) in enumerate(scorer.served(choices, items)):
