@@ -6,11 +6,19 @@ seconds, through the project's llama.cpp generator, one request at a time.
 
 What is **derived**: per tier, seconds = intercept + prefill_s x prompt tokens + decode_s x completion
 tokens (least squares with non-negative coefficients, after dropping outliers above 3 MADs: the
-machine is shared, and a neighbour's burst inflates single measurements). On a CPU both tiers share the
-same cores, so serving is modelled as one server that works on one generation at a time:
+machine is shared, and a neighbour's burst inflates single measurements).
 
-* saturation throughput of a system = requests / sum of its requests' predicted seconds;
-* latency at a fixed load = a FIFO single-server queue fed by Poisson arrivals, with service times
+Serving is modelled the way the pipeline's worker serves: one FIFO queue per tier, each worked by its
+own generator, and the tiers share the CPU. While ``k`` tiers generate at once each one runs
+``1 + (slowdown - 1) (k - 1)`` times slower than alone (processor sharing). ``slowdown`` is measured
+(``shared_cpu_slowdown``: each tier's calibration requests timed alone, then both tiers' at once):
+2.0 means the CPU does one generation's worth of work at a time whatever runs, 1.0 that the tiers do
+not slow each other at all. Two llama.cpp tiers on one 2-core machine measured between the two (session
+10: 429 s of model time in 272 s of wall), which a one-server model could not show: it over-charged every
+system that mixes tiers.
+
+* saturation throughput of a system = requests / the makespan of its per-tier work (``tier_makespan``);
+* latency at a fixed load = those queues fed by Poisson arrivals, each arrival's (tier, service time)
   drawn from the system's per-request costs (simulated over many arrivals, so p99 is stable).
 
 ``validate_cost_model`` compares the model's prediction with real pipeline runs at saturation
@@ -20,7 +28,8 @@ holds, and the report prints both numbers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,56 +105,125 @@ def fit_tier_cost(tier: str, samples: Sequence[CostSample], outlier_mads: float 
                          float(np.median(rel)))
 
 
+# The slowdown that makes the tiers' queues add up to one server's: what is assumed without a measurement.
+ONE_GENERATION_AT_A_TIME = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """Cost models of every tier, plus the fixed overhead of embedding and retrieval per request."""
+    """Cost models of every tier, the fixed overhead of embedding and retrieval per request, and how much
+    tiers generating at the same time slow each other (module docstring)."""
 
     tiers: dict[str, TierCostModel]
     retrieval_overhead_s: float = 0.0
+    shared_cpu_slowdown: float = ONE_GENERATION_AT_A_TIME
 
     def seconds(self, tier: str, prompt_tokens: int, completion_tokens: int) -> float:
         return self.tiers[tier].predict(prompt_tokens, completion_tokens)
 
 
-def fit_cost_model(samples: Sequence[CostSample], retrieval_overhead_s: float = 0.0) -> CostModel:
+def fit_cost_model(samples: Sequence[CostSample], retrieval_overhead_s: float = 0.0,
+                   shared_cpu_slowdown: float = ONE_GENERATION_AT_A_TIME) -> CostModel:
     tiers = sorted({s.tier for s in samples})
-    return CostModel({tier: fit_tier_cost(tier, samples) for tier in tiers}, retrieval_overhead_s)
+    return CostModel({tier: fit_tier_cost(tier, samples) for tier in tiers}, retrieval_overhead_s,
+                     shared_cpu_slowdown)
 
 
-def saturation_throughput(costs: Sequence[float]) -> float:
-    """Requests per second of one server working through ``costs`` back to back."""
-    total = float(np.sum(costs))
-    if total <= 0:
-        raise ValueError("costs must sum to a positive number")
-    return len(costs) / total
+# One request as the model serves it: the queue (tier) it waits in and the seconds it takes alone.
+Service = tuple[str, float]
 
 
-def simulate_fifo_latencies(service_times: Sequence[float], rate: float, *, n_arrivals: int = 20_000,
-                            seed: int = 0) -> np.ndarray:
-    """Latencies (wait + service) of ``n_arrivals`` Poisson arrivals at ``rate``/s to one FIFO server;
-    each arrival's service time is drawn (with replacement) from ``service_times``."""
+def _sharing_factor(busy: int, slowdown: float) -> float:
+    """How many times slower each of ``busy`` tiers runs than alone."""
+    return 1.0 + (slowdown - 1.0) * (busy - 1)
+
+
+def tier_makespan(work_by_tier: Mapping[str, float], slowdown: float) -> float:
+    """Seconds until every tier has worked through its queue when all queues start full (saturation)."""
+    works = sorted(w for w in work_by_tier.values() if w > 0)
+    elapsed = done = 0.0
+    for i, work in enumerate(works):
+        elapsed += (work - done) * _sharing_factor(len(works) - i, slowdown)
+        done = work
+    return elapsed
+
+
+def work_by_tier(service: Sequence[Service]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for tier, seconds in service:
+        totals[tier] = totals.get(tier, 0.0) + seconds
+    return totals
+
+
+def saturation_throughput(service: Sequence[Service], slowdown: float = ONE_GENERATION_AT_A_TIME) -> float:
+    """Requests per second when every request is queued at once (``tier_makespan``)."""
+    makespan = tier_makespan(work_by_tier(service), slowdown)
+    if makespan <= 0:
+        raise ValueError("service times must sum to a positive number")
+    return len(service) / makespan
+
+
+def fit_shared_cpu_slowdown(alone_s: Mapping[str, float], together_s: float) -> float:
+    """The slowdown under which ``tier_makespan`` of the tiers' alone-times equals ``together_s``, the
+    measured wall time of the same work started at once (bisection: the makespan grows with it)."""
+    if sum(1 for w in alone_s.values() if w > 0) < 2:
+        raise ValueError("the slowdown needs the alone times of at least two tiers")
+    low, high = 1.0, 8.0  # below 1 the tiers would each run faster together than alone: noise
+    for _ in range(60):
+        middle = (low + high) / 2
+        if tier_makespan(alone_s, middle) < together_s:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def simulate_latencies(service: Sequence[Service], rate: float, *, slowdown: float = ONE_GENERATION_AT_A_TIME,
+                       n_arrivals: int = 20_000, seed: int = 0) -> np.ndarray:
+    """Latencies (wait + service) of ``n_arrivals`` Poisson arrivals at ``rate``/s; each arrival's
+    (tier, seconds) is drawn with replacement from ``service`` and waits in its tier's FIFO queue, the
+    busy tiers sharing the CPU (module docstring)."""
     rng = np.random.default_rng(seed)
-    service = rng.choice(np.asarray(service_times, dtype=float), size=n_arrivals, replace=True)
+    drawn = rng.integers(0, len(service), size=n_arrivals)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n_arrivals))
+    queues: dict[str, deque[list[float]]] = {tier: deque() for tier, _ in service}  # [arrival index, work left]
     latencies = np.empty(n_arrivals)
-    free_at = 0.0
-    for i in range(n_arrivals):
-        start = max(arrivals[i], free_at)
-        free_at = start + service[i]
-        latencies[i] = free_at - arrivals[i]
+    now, nxt = 0.0, 0
+    while nxt < n_arrivals or any(queues.values()):
+        busy = [q for q in queues.values() if q]
+        factor = _sharing_factor(len(busy), slowdown) if busy else 1.0
+        least = min(q[0][1] for q in busy) if busy else float("inf")
+        if nxt < n_arrivals and (arrivals[nxt] - now) / factor < least:
+            step, now = (arrivals[nxt] - now) / factor, arrivals[nxt]
+            for q in busy:
+                q[0][1] -= step
+            tier, seconds = service[drawn[nxt]]
+            queues[tier].append([nxt, seconds])
+            nxt += 1
+            continue
+        # The heads with the least work left finish now: popped by comparison, not by a float reaching 0.
+        now += least * factor
+        for q in busy:
+            if q[0][1] <= least * (1 + 1e-9):
+                index = int(q[0][0])
+                latencies[index] = now - arrivals[index]
+                q.popleft()
+            else:
+                q[0][1] -= least
     return latencies
 
 
-def latency_percentiles(service_times: Sequence[float], rate: float, *, n_arrivals: int = 20_000,
-                        seed: int = 0) -> dict[str, float]:
+def latency_percentiles(service: Sequence[Service], rate: float, *, slowdown: float = ONE_GENERATION_AT_A_TIME,
+                        n_arrivals: int = 20_000, seed: int = 0) -> dict[str, float]:
     """p50/p99 latency at ``rate``, or infinities when the load is at or above saturation."""
-    if rate >= saturation_throughput(service_times):
-        return {"p50": float("inf"), "p99": float("inf"), "utilisation": rate / saturation_throughput(service_times)}
-    latencies = simulate_fifo_latencies(service_times, rate, n_arrivals=n_arrivals, seed=seed)
-    # The first arrivals find an empty queue: skip a warm-up tenth.
+    utilisation = rate / saturation_throughput(service, slowdown)
+    if utilisation >= 1.0:
+        return {"p50": float("inf"), "p99": float("inf"), "utilisation": utilisation}
+    latencies = simulate_latencies(service, rate, slowdown=slowdown, n_arrivals=n_arrivals, seed=seed)
+    # The first arrivals find empty queues: skip a warm-up tenth.
     steady = latencies[n_arrivals // 10:]
     return {"p50": float(np.percentile(steady, 50)), "p99": float(np.percentile(steady, 99)),
-            "utilisation": rate / saturation_throughput(service_times)}
+            "utilisation": utilisation}
 
 
 @dataclass(frozen=True, slots=True)

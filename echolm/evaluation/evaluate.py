@@ -17,9 +17,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from echolm.datasets import TaskItem
-from echolm.evaluation.efficiency import CostModel, CostSample, LatencyPoint, ValidationPoint, fit_cost_model
-from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs
+from echolm.evaluation.efficiency import (
+    ONE_GENERATION_AT_A_TIME,
+    CostModel,
+    CostSample,
+    LatencyPoint,
+    ValidationPoint,
+    fit_cost_model,
+    fit_shared_cpu_slowdown,
+)
+from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs, measure_shared_cpu
 from echolm.evaluation.harness import PHASES, REPLAYED_ARM, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
 from echolm.evaluation.quality import VerdictCache
@@ -130,20 +140,47 @@ def _workloads(config: EvalConfig, settings: Settings) -> list[Workload]:
     return loaded
 
 
-def measured_costs(cache: GenerationCache, serving: Settings, overhead_s: float) -> tuple[CostModel, str]:
+def shared_cpu(cache: GenerationCache, serving: Settings) -> dict[str, Any] | None:
+    """The calibrate phase's runs of the tiers alone and together at the serving thread count, and the
+    slowdown the cost model takes from them (the median over runs); None before any run."""
+    threads = {tier.n_threads for tier in serving.tiers}
+    runs = cache.shared_cpu_runs(threads.pop()) if len(threads) == 1 else []
+    if not runs:
+        return None
+    slowdowns = [fit_shared_cpu_slowdown(alone, together) for alone, together in runs]
+    return {"runs": [{"alone_s": alone, "together_s": together, "slowdown": slowdown}
+                     for (alone, together), slowdown in zip(runs, slowdowns)],
+            "slowdown": float(np.median(slowdowns))}
+
+
+def shared_cpu_sentence(costs: CostModel, measured: dict[str, Any] | None) -> str:
+    if not measured:
+        return (f"Tiers generating at once: not measured (no calibrate phase), so the model assumes the CPU does one "
+                f"generation's worth of work at a time (slowdown {costs.shared_cpu_slowdown:.2f}).")
+    runs = "; ".join(f"{' + '.join(f'{t} {s:.0f} s' for t, s in run['alone_s'].items())} alone vs "
+                     f"{run['together_s']:.0f} s together" for run in measured["runs"])
+    return (f"Tiers generating at once (phase `calibrate`, a spread of each tier's calibration requests): {runs}. While both "
+            f"tiers generate, each runs {costs.shared_cpu_slowdown:.2f}x slower than alone (2.00 would be one "
+            f"generation at a time, 1.00 no interference); saturation and latency use one queue per tier with that "
+            f"slowdown.")
+
+
+def measured_costs(cache: GenerationCache, serving: Settings, overhead_s: float,
+                   slowdown: float = ONE_GENERATION_AT_A_TIME) -> tuple[CostModel, str]:
     """The per-tier cost model: fitted on the calibration timings (fastest of the repeats, serving thread
     count) when every tier has at least ``MIN_CALIBRATION_SAMPLES``, else on the generation runs' own
-    timings. Returns the model and a sentence saying which."""
+    timings; ``slowdown`` is how much tiers slow each other (``shared_cpu``). Returns the model and a
+    sentence saying which timings it was fitted on."""
     threads = {tier.n_threads for tier in serving.tiers}
     calibrated = [CostSample(t, p, c, s) for th in threads for t, p, c, s, _ in cache.fastest_timings(th)]
     per_tier = {tier.name: sum(s.tier == tier.name for s in calibrated) for tier in serving.tiers}
     if calibrated and min(per_tier.values()) >= MIN_CALIBRATION_SAMPLES:
-        return (fit_cost_model(calibrated, retrieval_overhead_s=overhead_s),
+        return (fit_cost_model(calibrated, retrieval_overhead_s=overhead_s, shared_cpu_slowdown=slowdown),
                 f"calibration timings: {len(calibrated)} requests, each the fastest of its repeated runs, with the "
                 f"serving thread count ({threads.pop() or 'all cores'})")
     tier_of = {tier.model: tier.name for tier in serving.tiers}
     samples = [CostSample(tier_of[model], p, c, s) for model, p, c, s, _ in cache.measured() if model in tier_of]
-    return (fit_cost_model(samples, retrieval_overhead_s=overhead_s),
+    return (fit_cost_model(samples, retrieval_overhead_s=overhead_s, shared_cpu_slowdown=slowdown),
             f"the generation runs' own timings ({len(samples)} generations; no calibration yet)")
 
 
@@ -209,17 +246,21 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         done = run_phases(runs, settings, cache, phases=config.phases, deadline=deadline, progress=config.progress)
         if "calibrate" in config.phases and (deadline is None or time.monotonic() < deadline) \
                 and len(done) == len([p for p in config.phases if p != "calibrate"]):
-            calibrate_costs(calibration_jobs(runs, config.calibrate_per_arm),
-                            eval_settings(base, config.generation_timeout_s), cache,
-                            repeats=config.calibrate_repeats, progress=config.progress)
+            timed = eval_settings(base, config.generation_timeout_s)
+            jobs = calibration_jobs(runs, config.calibrate_per_arm)
+            calibrate_costs(jobs, timed, cache, repeats=config.calibrate_repeats, progress=config.progress)
+            if shared_cpu(cache, timed) is None:
+                measure_shared_cpu(jobs, timed, cache)
     generation_wall_s = time.monotonic() - started
 
     overhead = sum(r.embed_seconds_per_request for r in runs) / len(runs)
-    costs, cost_source = measured_costs(cache, serving, overhead)
+    sharing = shared_cpu(cache, serving)
+    costs, cost_source = measured_costs(cache, serving, overhead,
+                                        sharing["slowdown"] if sharing else ONE_GENERATION_AT_A_TIME)
     results: dict[str, Any] = {"config": _config_dict(config), "machine": machine_description(),
                                "prompt_layout": settings.prompt_layout,
                                "cost_model": {t: vars_of(m) for t, m in costs.tiers.items()},
-                               "retrieval_overhead_s": overhead, "cost_source": cost_source, "generation_wall_s_this_run": generation_wall_s,
+                               "retrieval_overhead_s": overhead, "shared_cpu": sharing, "cost_source": cost_source, "generation_wall_s_this_run": generation_wall_s,
                                "generations_cached": len(cache), "workloads": {}}
     sections = []
     pareto: dict[str, dict[str, list[SystemPoint]]] = {}
@@ -423,8 +464,9 @@ def workload_section(run: WorkloadRun, scorer: WorkloadScorer, systems: dict[str
              "**Tokens and seconds per arm** (distinct requests; measured = wall seconds of the generation call, "
              "modelled = the cost model on the same token counts):", "",
              tokens_table(scorer, TOKEN_ARMS), "",
-             "**Latency at fixed loads** (derived: FIFO single-server queue, Poisson arrivals, service times = "
-             "the system's modelled per-request costs):", "", latency_table(systems, LATENCY_LOADS), ""]
+             "**Latency at fixed loads** (derived: Poisson arrivals, one FIFO queue per tier, the busy tiers sharing "
+             "the CPU as the cost model's slowdown says; service times = the system's modelled per-request costs):",
+             "", latency_table(systems, LATENCY_LOADS, scorer.costs.shared_cpu_slowdown), ""]
     outcome = run.replay_outcome()
     if outcome is not None:
         lines += [replay_paragraph(run, outcome), ""]
@@ -463,7 +505,7 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
                      f"{model.intercept_s:.2f} | {model.samples} ({model.dropped}) | "
                      f"{100 * model.median_abs_rel_error:.0f}% |")
     lines += ["", f"Retrieval overhead (MiniLM embedding, measured here): {1000 * costs.retrieval_overhead_s:.0f} ms "
-              "per request.", ""]
+              "per request.", "", shared_cpu_sentence(costs, results.get("shared_cpu")), ""]
     credit = results.get("prefix_credit")
     if credit:
         tiers = ", ".join(f"{name} {c['capacity_mb']} MB ({c['kv_bytes_per_token']:,} B of KV state per token)"

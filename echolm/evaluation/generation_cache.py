@@ -20,14 +20,20 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams
 from echolm.settings import Settings, TierSettings
 
+if TYPE_CHECKING:
+    from echolm.protocols import Generator
+
 log = logging.getLogger(__name__)
 
+# A short request that loads a model before a timed run.
+WARMUP_PROMPT = "Say OK."
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "echolm" / "eval"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -52,6 +58,12 @@ CREATE TABLE IF NOT EXISTS timings (
     completion_tokens INTEGER NOT NULL,
     seconds REAL NOT NULL,
     load_avg REAL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shared_cpu (
+    threads INTEGER,
+    alone TEXT NOT NULL,
+    together_s REAL NOT NULL,
     created_at REAL NOT NULL
 )
 """
@@ -158,6 +170,17 @@ class GenerationCache:
             "SELECT tier, prompt_tokens, completion_tokens, MIN(seconds), COUNT(*) FROM timings WHERE threads IS ? "
             "GROUP BY key, tier", (threads,)).fetchall()
         return [(str(t), int(p), int(c), float(s), int(n)) for t, p, c, s, n in rows]
+
+    def add_shared_cpu(self, threads: int | None, alone_s: dict[str, float], together_s: float) -> None:
+        """One ``measure_shared_cpu`` result: each tier's seconds alone, and the wall seconds of all at once."""
+        self._db.execute("INSERT INTO shared_cpu VALUES (?, ?, ?, ?)",
+                         (threads, json.dumps(alone_s, sort_keys=True), together_s, time.time()))
+        self._db.commit()
+
+    def shared_cpu_runs(self, threads: int | None) -> list[tuple[dict[str, float], float]]:
+        rows = self._db.execute("SELECT alone, together_s FROM shared_cpu WHERE threads IS ? ORDER BY created_at",
+                                (threads,)).fetchall()
+        return [(json.loads(alone), float(together)) for alone, together in rows]
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM generations").fetchone()[0])
@@ -278,3 +301,53 @@ def calibrate_costs(jobs: Sequence[GenerationJob], settings: Settings, cache: Ge
         if bar is not None:
             bar.close()
     return len(todo)
+
+
+async def _run_in_turn(generator: Generator, jobs: Sequence[GenerationJob]) -> float:
+    started = time.perf_counter()
+    for job in jobs:
+        await generator.generate(list(job.messages), job.params, request_id=job.key[:16])
+    return time.perf_counter() - started
+
+
+async def _alone_and_together(jobs_by_tier: dict[str, list[GenerationJob]], tiers: dict[str, TierSettings],
+                              settings: Settings) -> tuple[dict[str, float], float]:
+    from echolm.generation.factory import make_generator
+
+    generators = {tier: make_generator(tiers[tier], settings) for tier in jobs_by_tier}
+    try:
+        for tier, jobs in jobs_by_tier.items():  # loads the model, outside the timed runs
+            await generators[tier].generate([ChatMessage("user", WARMUP_PROMPT)], replace(jobs[0].params, max_tokens=2),
+                                            request_id=f"warm-{tier}")
+        alone = {tier: await _run_in_turn(generators[tier], jobs) for tier, jobs in jobs_by_tier.items()}
+        started = time.perf_counter()
+        await asyncio.gather(*(_run_in_turn(generators[tier], jobs) for tier, jobs in jobs_by_tier.items()))
+        return alone, time.perf_counter() - started
+    finally:
+        for generator in generators.values():
+            await generator.aclose()
+
+
+def measure_shared_cpu(jobs: Sequence[GenerationJob], settings: Settings, cache: GenerationCache, *,
+                       per_tier: int = 6) -> tuple[dict[str, float], float] | None:
+    """How much tiers slow each other when they generate at the same time, as the pipeline's worker lets
+    them (``echolm.evaluation.efficiency``, ``shared_cpu_slowdown``): ``per_tier`` of each tier's ``jobs``
+    (spread over its list) run one tier after the other, then every tier's at once. Stored in ``cache`` under the
+    tiers' thread count; returns (seconds alone per tier, seconds together), or None with fewer than two
+    tiers. The slowdown is fitted against these alone times, measured in the same minute as the run
+    together, not against the cost model's predictions, so the machine's state at the time cancels out."""
+    tiers = {tier.name: tier for tier in settings.tiers}
+    by_tier: dict[str, list[GenerationJob]] = {}
+    for job in {job.key: job for job in jobs}.values():
+        by_tier.setdefault(job.tier, []).append(job)
+    # Spread over each tier's list, so every arm and workload the calibration covers is represented.
+    by_tier = {tier: listed[::max(1, len(listed) // per_tier)][:per_tier] for tier, listed in by_tier.items()}
+    if len(by_tier) < 2:
+        return None
+    log.info("timing %s alone, then together", " and ".join(f"{len(j)} {t} requests" for t, j in by_tier.items()))
+    alone, together = asyncio.run(_alone_and_together(by_tier, tiers, settings))
+    threads = {tiers[tier].n_threads for tier in by_tier}
+    cache.add_shared_cpu(threads.pop() if len(threads) == 1 else None, alone, together)
+    log.info("shared CPU: %s alone (%.1f s in turn), %.1f s together",
+             ", ".join(f"{t} {s:.1f} s" for t, s in alone.items()), sum(alone.values()), together)
+    return alone, together

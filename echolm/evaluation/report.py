@@ -16,7 +16,14 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from echolm.datasets import TaskItem
-from echolm.evaluation.efficiency import CostModel, latency_percentiles, saturation_throughput
+from echolm.evaluation.efficiency import (
+    CostModel,
+    Service,
+    latency_percentiles,
+    saturation_throughput,
+    tier_makespan,
+    work_by_tier,
+)
 from echolm.evaluation.generation_cache import GenerationJob
 from echolm.evaluation.harness import REPLAYED_ARM, MissingGenerations, WorkloadRun
 from echolm.evaluation.prefix_reuse import PrefixCredit
@@ -81,7 +88,7 @@ class SystemPoint:
     cache_hit_share: float
     mean_cost_s: float
     tokens: dict[str, dict[str, float]] = field(default_factory=dict)
-    service_times: list[float] = field(default_factory=list, repr=False)
+    service_times: list[Service] = field(default_factory=list, repr=False)
     # The verbatim-reuse bar of the systems that answer repeats from the cache (None for the others).
     reuse_min_similarity: float | None = None
 
@@ -188,7 +195,11 @@ class WorkloadScorer:
         large_total = self.large_cost_s()
         large_measured = sum(self.arm_result(self.items[r], "large").measured_s * n for r, n in self.counts.items())
         overhead = self.costs.retrieval_overhead_s if uses_retrieval else 0.0
-        outcomes, passed, service, measured = [], [], [], []
+        slowdown = self.costs.shared_cpu_slowdown
+        outcomes: list[str] = []
+        passed: list[bool] = []
+        service: list[Service] = []
+        measured: list[Service] = []
         tokens: dict[str, dict[str, float]] = {}
         small = hits = 0
         for item, result, cost, reused in self.served(choices):
@@ -196,8 +207,8 @@ class WorkloadScorer:
             outcomes.append(pass_fail_outcome(result.passed, large.passed))
             passed.append(result.passed)
             extra = overhead if result.tier != "cache" else 0.0
-            service.append(cost + extra)
-            measured.append(result.measured_s + extra)
+            service.append((result.tier, cost + extra))
+            measured.append((result.tier, result.measured_s + extra))
             small += result.tier == "small"
             hits += result.tier == "cache"
             per_tier = tokens.setdefault(result.tier, {"requests": 0, "prefill": 0.0, "prefill_reused": 0.0,
@@ -214,9 +225,11 @@ class WorkloadScorer:
         return SystemPoint(
             workload=self.run.workload.name, system=system, knob=knob, knob_value=knob_value, requests=n,
             accuracy=sum(passed) / n, win_rate=win_rate_of(outcomes), wins=counts["win"], ties=counts["tie"],
-            losses=counts["loss"], throughput_rps=saturation_throughput(service),
-            throughput_ratio=large_total / sum(service), measured_throughput_ratio=large_measured / sum(measured),
-            small_share=small / n, cache_hit_share=hits / n, mean_cost_s=float(np.mean(service)), tokens=tokens,
+            losses=counts["loss"], throughput_rps=saturation_throughput(service, slowdown),
+            throughput_ratio=large_total / tier_makespan(work_by_tier(service), slowdown),
+            measured_throughput_ratio=large_measured / tier_makespan(work_by_tier(measured), slowdown),
+            small_share=small / n, cache_hit_share=hits / n, mean_cost_s=float(np.mean([s for _, s in service])),
+            tokens=tokens,
             service_times=service, reuse_min_similarity=reuse_min_similarity)
 
     # ---------------------------------------------------------------------------------------------
@@ -471,7 +484,7 @@ def tokens_table(scorer: WorkloadScorer, arms: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
-def latency_table(systems: dict[str, list[SystemPoint]], loads: Sequence[float]) -> str:
+def latency_table(systems: dict[str, list[SystemPoint]], loads: Sequence[float], slowdown: float) -> str:
     large_rps = systems[ALWAYS_LARGE][0].throughput_rps
     header = "| system (operating point) | saturation req/s | " + " | ".join(
         f"p50 / p99 s at {load:.1f}x large's capacity ({load * large_rps:.3f} req/s)" for load in loads) + " |"
@@ -480,7 +493,7 @@ def latency_table(systems: dict[str, list[SystemPoint]], loads: Sequence[float])
         p = operating_point(points)
         cells = []
         for load in loads:
-            lat = latency_percentiles(p.service_times, load * large_rps)
+            lat = latency_percentiles(p.service_times, load * large_rps, slowdown=slowdown)
             cells.append("saturated" if math.isinf(lat["p50"]) else f"{lat['p50']:.1f} / {lat['p99']:.1f}")
         rows.append(f"| {name} | {p.throughput_rps:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

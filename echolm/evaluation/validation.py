@@ -30,7 +30,8 @@ import numpy as np
 
 from echolm.datasets import TaskItem
 from echolm.domain import ChatMessage, Example
-from echolm.evaluation.efficiency import LatencyPoint, ValidationPoint
+from echolm.evaluation.efficiency import LatencyPoint, Service, ValidationPoint, tier_makespan, work_by_tier
+from echolm.evaluation.generation_cache import WARMUP_PROMPT
 from echolm.evaluation.harness import WorkloadRun
 from echolm.evaluation.report import WorkloadScorer
 from echolm.evaluation.systems import EVAL_TENANT, Choice
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
     from streams.records import RequestRecord, ResponseRecord  # streams is imported only when a run starts
 
 log = logging.getLogger(__name__)
-
-WARMUP_PROMPT = "Say OK."
 
 
 def _batch_line(custom_id: str, prompt: str, max_tokens: int) -> str:
@@ -175,15 +174,16 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
     answers = {custom_id: (text, provenance.get("tier", "")) for custom_id, (text, provenance) in served.items()}
     generate_s = sum(float((provenance.get("timings") or {}).get("generate", 0.0)) for _, provenance in served.values())
     same = 0
-    predicted = predicted_generate = 0.0
+    predicted_generate = 0.0
+    service: list[Service] = []
     for n, (item, result, cost, _) in enumerate(scorer.served(choices, items)):
         choice = choices[item.id]
         if choice.cached_index is not None:  # a reused answer's cost is the retrieval overhead alone
-            predicted += cost
+            service.append((result.tier, cost))
             entries = run.replayed_examples() if choice.replayed_cache else run.examples()
             expected = entries[choice.cached_index].response
         else:
-            predicted += cost + scorer.costs.retrieval_overhead_s
+            service.append((result.tier, cost + scorer.costs.retrieval_overhead_s))
             predicted_generate += cost
             expected = run.generation(item, run.arm_for(item, result.arm)).text
         same += answers.get(_custom_id(n, item), ("", ""))[0].strip() == expected.strip()
@@ -191,6 +191,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
     for _, tier in answers.values():
         by_tier[tier] = by_tier.get(tier, 0) + 1
     n = len(items)
+    predicted = tier_makespan(work_by_tier(service), scorer.costs.shared_cpu_slowdown)
     return ValidationPoint(system=spec.system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
                            by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate)

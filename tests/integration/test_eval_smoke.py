@@ -63,6 +63,9 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache" / "replays").glob("*.json"))) == 2
     assert "**Replay**" in docs.read_text()
     assert results["prefix_credit"] == {}  # echo tiers keep no KV state
+    # The calibrate phase timed the tiers alone and together; echo tiers wait without using the CPU.
+    assert len(results["shared_cpu"]["runs"]) == 1 and 1.0 <= results["shared_cpu"]["slowdown"] < 1.5
+    assert "Tiers generating at once (phase `calibrate`" in docs.read_text()
     # always-large, EchoLM at a threshold offloading half, small + the replayed cache's examples, and the
     # same with repeats answered verbatim from the replayed cache.
     assert [v["requests"] for v in results["validation"]] == [2, 2, 2, 2]

@@ -10,11 +10,14 @@ import pytest
 
 from echolm.evaluation.efficiency import (
     CostSample,
+    ONE_GENERATION_AT_A_TIME,
     fit_cost_model,
+    fit_shared_cpu_slowdown,
     fit_tier_cost,
     latency_percentiles,
     saturation_throughput,
-    simulate_fifo_latencies,
+    simulate_latencies,
+    tier_makespan,
 )
 
 
@@ -59,21 +62,65 @@ def test_fit_needs_samples_per_tier() -> None:
 
 
 def test_saturation_throughput_is_requests_over_busy_time() -> None:
-    assert saturation_throughput([1.0, 2.0, 3.0]) == pytest.approx(0.5)
+    assert saturation_throughput([("large", 1.0), ("large", 2.0), ("large", 3.0)]) == pytest.approx(0.5)
     with pytest.raises(ValueError):
-        saturation_throughput([0.0])
+        saturation_throughput([("large", 0.0)])
 
 
-def test_fifo_queue_matches_mm1_mean_latency() -> None:
+def test_tier_makespan_spans_one_server_to_fully_parallel_tiers() -> None:
+    work = {"large": 30.0, "small": 10.0, "cache": 0.0}
+    # 2.0: one generation's worth of work at a time, whatever runs (the old one-server model).
+    assert tier_makespan(work, ONE_GENERATION_AT_A_TIME) == pytest.approx(40.0)
+    assert tier_makespan(work, 1.0) == pytest.approx(30.0)  # the tiers never slow each other
+    # 1.5: both run 1.5x slower for the 15 s the small tier needs, then large alone for its last 20 s.
+    assert tier_makespan(work, 1.5) == pytest.approx(15.0 + 20.0)
+    # Three busy tiers each run 1 + 2 * 0.5 = 2x slower.
+    assert tier_makespan({"a": 1.0, "b": 1.0, "c": 1.0}, 1.5) == pytest.approx(2.0)
+    # A system on one tier is unaffected by the slowdown.
+    assert saturation_throughput([("large", 2.0)] * 4, 1.3) == pytest.approx(0.5)
+
+
+def test_fitted_slowdown_reproduces_the_measured_wall_time() -> None:
+    alone = {"large": 187.0, "small": 128.0}
+    slowdown = fit_shared_cpu_slowdown(alone, 272.0)
+    assert tier_makespan(alone, slowdown) == pytest.approx(272.0, rel=1e-6)
+    assert 1.0 < slowdown < ONE_GENERATION_AT_A_TIME
+    # Together faster than the longer tier alone can only be noise: no better than fully parallel.
+    assert fit_shared_cpu_slowdown(alone, 150.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two tiers"):
+        fit_shared_cpu_slowdown({"large": 10.0}, 10.0)
+
+
+def test_one_tier_queue_matches_mm1_mean_latency() -> None:
     # Exponential service (mean 1 s) at utilisation 0.5: M/M/1 mean time in system = 1 / (mu - lambda) = 2 s.
-    service = np.random.default_rng(3).exponential(1.0, size=5000)
-    latencies = simulate_fifo_latencies(service, 0.5, n_arrivals=100_000, seed=4)
+    service = [("large", s) for s in np.random.default_rng(3).exponential(1.0, size=5000)]
+    latencies = simulate_latencies(service, 0.5, n_arrivals=100_000, seed=4)
     assert latencies.mean() == pytest.approx(2.0, rel=0.08)
     # ... and its median: the sojourn time is exponential with rate mu - lambda.
     assert np.median(latencies) == pytest.approx(math.log(2) / 0.5, rel=0.08)
 
 
+def test_two_tier_queues_share_the_cpu() -> None:
+    service = [("large", 2.0), ("small", 3.0)]
+    # Two requests arriving at once: the same tier serves them one after the other; different tiers run
+    # side by side, each 1.5x slower, until large is done at 3 s with 2 of small's 3 s done.
+    expected = {("large", "large"): [2.0, 4.0], ("small", "small"): [3.0, 6.0], ("mixed",): [3.0, 4.0]}
+    seen = set()
+    for seed in range(12):
+        latencies = sorted(simulate_latencies(service, 1e9, slowdown=1.5, n_arrivals=2, seed=seed))
+        matches = [case for case, want in expected.items() if latencies == pytest.approx(want, abs=1e-6)]
+        assert len(matches) == 1, latencies
+        seen.add(matches[0])
+    assert ("mixed",) in seen
+    # Light load: a request takes about its own service time.
+    assert latency_percentiles([("large", 2.0)], 0.01, slowdown=1.5, n_arrivals=5000)["p50"] == pytest.approx(2.0)
+    # A mix one server saturates at 0.4 req/s stays stable at 0.45 req/s when the tiers overlap.
+    assert math.isinf(latency_percentiles(service, 0.45)["p99"])
+    overlapped = latency_percentiles(service, 0.45, slowdown=1.5)
+    assert overlapped["utilisation"] < 1.0 and math.isfinite(overlapped["p99"])
+
+
 def test_latency_at_or_above_saturation_is_infinite() -> None:
-    assert math.isinf(latency_percentiles([2.0, 2.0], 0.5)["p99"])
-    light = latency_percentiles([2.0, 2.0], 0.05)
+    assert math.isinf(latency_percentiles([("large", 2.0)] * 2, 0.5)["p99"])
+    light = latency_percentiles([("large", 2.0)] * 2, 0.05)
     assert 2.0 <= light["p50"] <= light["p99"] < 10.0

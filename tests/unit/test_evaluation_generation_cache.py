@@ -67,3 +67,27 @@ def test_calibration_times_each_job_repeatedly_and_keeps_the_fastest(tmp_path) -
     assert all(row[0] == "small" and row[3] >= 0.01 for row in fastest)
     assert len(cache) == 0  # timings never stand in for answers
     cache.close()
+
+
+def test_shared_cpu_run_times_the_tiers_alone_then_together(tmp_path) -> None:
+    from echolm.evaluation.evaluate import shared_cpu
+    from echolm.evaluation.generation_cache import measure_shared_cpu
+
+    # Echo tiers wait on the event loop, so running together costs nothing: the fitted slowdown is 1.
+    settings = Settings(tiers=[TierSettings(name="small", backend="echo", model="echo-s", relative_cost=1.0,
+                                            simulated_latency_s=0.05),
+                               TierSettings(name="large", backend="echo", model="echo-l", relative_cost=3.0,
+                                            simulated_latency_s=0.1)])
+    jobs = [GenerationJob(tier, f"echo-{tier[0]}", (ChatMessage("user", f"q{i}"),), PARAMS)
+            for tier in ("small", "large") for i in range(4)]
+    cache = GenerationCache(tmp_path)
+    assert shared_cpu(cache, settings) is None
+    assert measure_shared_cpu(jobs[:4], settings, cache) is None  # one tier: nothing to overlap
+    alone, together = measure_shared_cpu(jobs, settings, cache, per_tier=3)
+    assert alone["small"] >= 3 * 0.05 and alone["large"] >= 3 * 0.1
+    assert alone["large"] <= together < alone["large"] + alone["small"]
+    measured = shared_cpu(cache, settings)
+    assert len(measured["runs"]) == 1 and measured["runs"][0]["together_s"] == together
+    assert 1.0 <= measured["slowdown"] < 1.3
+    assert len(cache) == 0  # timings never stand in for answers
+    cache.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from echolm.evaluation.evaluate import RESULTS_BEGIN, RESULTS_END, write_results_section
 from echolm.evaluation.report import SystemPoint, dominance, frontier, throughput_at_win_rate, win_rate_at_throughput
 
@@ -80,3 +82,42 @@ def test_served_charges_only_the_prompt_tokens_no_kept_prompt_shares() -> None:
     assert [round(cost, 6) for _, _, cost, _ in served] == [2.0, 1.5, 1.1]  # 0.1 s per prefilled token
     assert [reused for *_, reused in scorer.served(choices)] == [0, 5, 9]  # a new pass starts cold
     assert WorkloadScorer(Run(), verdicts, costs).served(choices)[2][2] == 2.0  # no credit configured
+
+
+def test_a_system_mixing_tiers_is_charged_their_overlap() -> None:
+    """Each tier has its own queue: a mix of tiers finishes sooner than one server would when the tiers
+    slow each other by less than 2x (the measured ``shared_cpu_slowdown``)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from echolm.datasets import TaskItem
+    from echolm.evaluation.efficiency import CostModel, TierCostModel
+    from echolm.evaluation.report import WorkloadScorer
+    from echolm.evaluation.systems import Arm, Choice
+
+    a = TaskItem("a", "g1", "first", "", "1", (), "en")
+    b = TaskItem("b", "g2", "second", "", "1", (), "en")
+
+    class Run:
+        workload = SimpleNamespace(traffic=[a, b], unique_traffic=[a, b], verifier="numeric", name="w")
+
+        def arm_for(self, item, name):  # type: ignore[no-untyped-def]
+            return Arm(name, name)
+
+        def generation(self, item, arm):  # type: ignore[no-untyped-def]
+            return SimpleNamespace(text="1", prompt_tokens=10, completion_tokens=5, latency_s=2.0)
+
+    verdicts = SimpleNamespace(verify=lambda item, text, verifier: SimpleNamespace(passed=True))
+    one_server = CostModel({"small": TierCostModel("small", 0.0, 0.1, 0.2, 3, 0, 0.0),    # 2 s a request
+                            "large": TierCostModel("large", 0.0, 0.2, 0.4, 3, 0, 0.0)})   # 4 s a request
+    mixed = {"a": Choice(arm="small"), "b": Choice(arm="large")}
+    serial = WorkloadScorer(Run(), verdicts, one_server).evaluate("mix", mixed, uses_retrieval=False)  # type: ignore[arg-type]
+    assert serial.throughput_ratio == pytest.approx(8.0 / 6.0)
+    overlapped = WorkloadScorer(Run(), verdicts, replace(one_server, shared_cpu_slowdown=1.5))  # type: ignore[arg-type]
+    point = overlapped.evaluate("mix", mixed, uses_retrieval=False)
+    assert point.throughput_ratio == pytest.approx(8.0 / (1.5 * 2.0 + 2.0))
+    assert point.throughput_rps == pytest.approx(2 / 5.0)
+    assert point.service_times == [("small", 2.0), ("large", 4.0)]
+    # Always-large is one tier: the slowdown does not touch it.
+    assert overlapped.evaluate("large", {"a": Choice(arm="large"), "b": Choice(arm="large")},
+                               uses_retrieval=False).throughput_ratio == pytest.approx(1.0)
