@@ -178,26 +178,23 @@ def fit_shared_cpu_slowdown(alone_s: Mapping[str, float], together_s: float) -> 
     return (low + high) / 2
 
 
-def simulate_latencies(service: Sequence[Service], rate: float, *, slowdown: float = ONE_GENERATION_AT_A_TIME,
-                       n_arrivals: int = 20_000, seed: int = 0) -> np.ndarray:
-    """Latencies (wait + service) of ``n_arrivals`` Poisson arrivals at ``rate``/s; each arrival's
-    (tier, seconds) is drawn with replacement from ``service`` and waits in its tier's FIFO queue, the
-    busy tiers sharing the CPU (module docstring)."""
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, len(service), size=n_arrivals)
-    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n_arrivals))
-    queues: dict[str, deque[list[float]]] = {tier: deque() for tier, _ in service}  # [arrival index, work left]
-    latencies = np.empty(n_arrivals)
+def queue_latencies(arrivals: Sequence[float], requests: Sequence[Service], *,
+                    slowdown: float = ONE_GENERATION_AT_A_TIME) -> np.ndarray:
+    """Latency (wait + service) of each request arriving at ``arrivals[i]`` (ascending) with
+    ``requests[i]`` = (tier, seconds alone): one FIFO queue per tier, the busy tiers sharing the CPU
+    (module docstring)."""
+    queues: dict[str, deque[list[float]]] = {tier: deque() for tier, _ in requests}  # [request index, work left]
+    latencies = np.empty(len(requests))
     now, nxt = 0.0, 0
-    while nxt < n_arrivals or any(queues.values()):
+    while nxt < len(requests) or any(queues.values()):
         busy = [q for q in queues.values() if q]
         factor = _sharing_factor(len(busy), slowdown) if busy else 1.0
         least = min(q[0][1] for q in busy) if busy else float("inf")
-        if nxt < n_arrivals and (arrivals[nxt] - now) / factor < least:
-            step, now = (arrivals[nxt] - now) / factor, arrivals[nxt]
+        if nxt < len(requests) and (arrivals[nxt] - now) / factor < least:
+            step, now = (arrivals[nxt] - now) / factor, float(arrivals[nxt])
             for q in busy:
                 q[0][1] -= step
-            tier, seconds = service[drawn[nxt]]
+            tier, seconds = requests[nxt]
             queues[tier].append([nxt, seconds])
             nxt += 1
             continue
@@ -211,6 +208,16 @@ def simulate_latencies(service: Sequence[Service], rate: float, *, slowdown: flo
             else:
                 q[0][1] -= least
     return latencies
+
+
+def simulate_latencies(service: Sequence[Service], rate: float, *, slowdown: float = ONE_GENERATION_AT_A_TIME,
+                       n_arrivals: int = 20_000, seed: int = 0) -> np.ndarray:
+    """``queue_latencies`` of ``n_arrivals`` Poisson arrivals at ``rate``/s, each one's (tier, seconds)
+    drawn with replacement from ``service``."""
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(service), size=n_arrivals)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n_arrivals))
+    return queue_latencies(arrivals, [service[i] for i in drawn], slowdown=slowdown)
 
 
 def latency_percentiles(service: Sequence[Service], rate: float, *, slowdown: float = ONE_GENERATION_AT_A_TIME,
@@ -262,3 +269,8 @@ class LatencyPoint:
     p99_s: float
     mean_s: float
     by_tier: dict[str, int]
+    # The cost model's queues fed the same arrivals and requests (``queue_latencies``): what the figures
+    # above check.
+    predicted_p50_s: float = float("nan")
+    predicted_p99_s: float = float("nan")
+    predicted_mean_s: float = float("nan")

@@ -362,16 +362,17 @@ def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, 
     configuration: the same requests, in the same order, as a Poisson stream."""
     capacity = next(v.measured_rps for v in validation if v.system == ALWAYS_LARGE)
     systems = pareto.get(run.workload.name, {})
-    specs = [PipelineRun(ALWAYS_LARGE, "always-large", None)]
     items = run.workload.traffic[:config.validate]
+    specs = [(PipelineRun(ALWAYS_LARGE, "always-large", None), {i.id: Choice(arm="large") for i in items})]
     reuse = _replay_reuse_run(run, pareto, items)
     if reuse is not None:
-        specs.append(reuse[0])
+        specs.append(reuse)
     elif SMALL_REPLAYED in systems:
-        specs.append(PipelineRun(SMALL_REPLAYED, "similarity", -1.0, replayed_cache=True))
-    return [measure_latency(settings, scorer, items, config.out_dir / "latency", spec=spec, rate_rps=load * capacity,
-                            load=load, seed=config.seed)
-            for load in config.validate_loads for spec in specs]
+        specs.append((PipelineRun(SMALL_REPLAYED, "similarity", -1.0, replayed_cache=True),
+                      {i.id: Choice(arm=REPLAYED_ARM) for i in items}))
+    return [measure_latency(settings, scorer, items, config.out_dir / "latency", spec=spec, choices=choices,
+                            rate_rps=load * capacity, load=load, seed=config.seed)
+            for load in config.validate_loads for spec, choices in specs]
 
 
 def _plots(config: EvalConfig, pareto: dict[str, dict[str, list[SystemPoint]]],
@@ -544,12 +545,14 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
         lines += ["#### Latency through the real pipeline at fixed loads", "",
                   "The same requests as above, in the same order, sent as a Poisson stream at a multiple of "
                   "always-large's capacity as measured above; latency is each request's time from its send to its "
-                  "answer. With 40 requests or fewer the p99 is about the slowest request.", "",
+                  "answer. With 40 requests or fewer the p99 is about the slowest request. *Modelled* = the cost "
+                  "model's per-tier queues fed the same arrivals and the same routing decisions.", "",
                   "| system | load (x always-large's capacity) | req/s | requests | errors | p50 s | p99 s | mean s | "
-                  "tiers |", "|---|---|---|---|---|---|---|---|---|"]
+                  "modelled p50 / p99 / mean s | tiers |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in results["pipeline_latency"]:
+            modelled = " / ".join(f"{p.get(f'predicted_{k}_s', float('nan')):.1f}" for k in ("p50", "p99", "mean"))
             lines.append(f"| {p['system']} | {p['load']:.2f} | {p['rate_rps']:.3f} | {p['requests']} | {p['errors']} | "
-                         f"{p['p50_s']:.1f} | {p['p99_s']:.1f} | {p['mean_s']:.1f} | {p['by_tier']} |")
+                         f"{p['p50_s']:.1f} | {p['p99_s']:.1f} | {p['mean_s']:.1f} | {modelled} | {p['by_tier']} |")
         lines.append("")
     lines += ["#### Targets", ""]
     for name, summary in results["workloads"].items():

@@ -30,10 +30,17 @@ import numpy as np
 
 from echolm.datasets import TaskItem
 from echolm.domain import ChatMessage, Example
-from echolm.evaluation.efficiency import LatencyPoint, Service, ValidationPoint, tier_makespan, work_by_tier
+from echolm.evaluation.efficiency import (
+    LatencyPoint,
+    Service,
+    ValidationPoint,
+    queue_latencies,
+    tier_makespan,
+    work_by_tier,
+)
 from echolm.evaluation.generation_cache import WARMUP_PROMPT
 from echolm.evaluation.harness import WorkloadRun
-from echolm.evaluation.report import WorkloadScorer
+from echolm.evaluation.report import RequestResult, WorkloadScorer
 from echolm.evaluation.systems import EVAL_TENANT, Choice
 from echolm.evaluation.workload import poisson_arrivals
 from echolm.settings import Settings
@@ -154,6 +161,13 @@ def read_answers(batch_output: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     return out
 
 
+def _service(scorer: WorkloadScorer, served: Sequence[tuple[TaskItem, RequestResult, float, int]]) -> list[Service]:
+    """Each served request's queue and modelled seconds: its generation plus the retrieval overhead, or
+    the overhead alone for an answer reused from the cache."""
+    overhead = scorer.costs.retrieval_overhead_s
+    return [(result.tier, cost if result.tier == "cache" else cost + overhead) for _, result, cost, _ in served]
+
+
 def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, timeout_s: float = 1800.0) -> ValidationPoint:
     """Serve ``items`` through the real pipeline set up as ``spec``, in order, and compare with the cost
@@ -175,15 +189,13 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
     generate_s = sum(float((provenance.get("timings") or {}).get("generate", 0.0)) for _, provenance in served.values())
     same = 0
     predicted_generate = 0.0
-    service: list[Service] = []
-    for n, (item, result, cost, _) in enumerate(scorer.served(choices, items)):
+    modelled = scorer.served(choices, items)
+    for n, (item, result, cost, _) in enumerate(modelled):
         choice = choices[item.id]
-        if choice.cached_index is not None:  # a reused answer's cost is the retrieval overhead alone
-            service.append((result.tier, cost))
+        if choice.cached_index is not None:
             entries = run.replayed_examples() if choice.replayed_cache else run.examples()
             expected = entries[choice.cached_index].response
         else:
-            service.append((result.tier, cost + scorer.costs.retrieval_overhead_s))
             predicted_generate += cost
             expected = run.generation(item, run.arm_for(item, result.arm)).text
         same += answers.get(_custom_id(n, item), ("", ""))[0].strip() == expected.strip()
@@ -191,7 +203,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
     for _, tier in answers.values():
         by_tier[tier] = by_tier.get(tier, 0) + 1
     n = len(items)
-    predicted = tier_makespan(work_by_tier(service), scorer.costs.shared_cpu_slowdown)
+    predicted = tier_makespan(work_by_tier(_service(scorer, modelled)), scorer.costs.shared_cpu_slowdown)
     return ValidationPoint(system=spec.system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
                            by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate)
@@ -235,10 +247,11 @@ async def _serve_paced(settings: Settings, requests: Sequence[RequestRecord], of
 
 
 def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[TaskItem], work_dir: Path, *,
-                    spec: PipelineRun, rate_rps: float, load: float, seed: int = 0,
+                    spec: PipelineRun, choices: dict[str, Choice], rate_rps: float, load: float, seed: int = 0,
                     timeout_s: float = 1800.0) -> LatencyPoint:
     """Serve ``items`` through the real pipeline as a Poisson stream at ``rate_rps`` (``load`` times
-    always-large's measured capacity) and report the latency each request saw, submission to answer."""
+    always-large's measured capacity) and report the latency each request saw, submission to answer,
+    next to the cost model's queues fed the same stream with ``choices`` (the pipeline's decisions)."""
     from streams.records import RequestRecord
 
     run = scorer.run
@@ -254,6 +267,8 @@ def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[Task
                  rate_rps, load)
         responses = asyncio.run(asyncio.wait_for(_serve_paced(live, requests, offsets, 600.0), timeout_s))
     answered = [r for r in responses.values() if r.ok]
+    modelled = queue_latencies(offsets, _service(scorer, scorer.served(choices, items)),
+                               slowdown=scorer.costs.shared_cpu_slowdown)
     latencies = sorted(r.finished_at - r.submitted_at for r in answered)
     by_tier: dict[str, int] = {}
     for r in answered:
@@ -262,4 +277,6 @@ def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[Task
                         errors=len(requests) - len(answered),
                         p50_s=float(np.percentile(latencies, 50)) if latencies else float("nan"),
                         p99_s=float(np.percentile(latencies, 99)) if latencies else float("nan"),
-                        mean_s=float(np.mean(latencies)) if latencies else float("nan"), by_tier=by_tier)
+                        mean_s=float(np.mean(latencies)) if latencies else float("nan"), by_tier=by_tier,
+                        predicted_p50_s=float(np.percentile(modelled, 50)),
+                        predicted_p99_s=float(np.percentile(modelled, 99)), predicted_mean_s=float(np.mean(modelled)))

@@ -81,6 +81,8 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     latency = results["pipeline_latency"]
     assert [p["system"] for p in latency] == ["always-large", "EchoLM with replay + verbatim reuse of repeats"]
     assert all(p["requests"] == 2 and p["errors"] == 0 and 0 < p["p50_s"] <= p["p99_s"] for p in latency)
+    # The cost model's queues fed the same stream: at least the modelled service time of a request.
+    assert all(0 < p["predicted_p50_s"] <= p["predicted_p99_s"] for p in latency)
     assert latency[0]["rate_rps"] == pytest.approx(0.5 * results["validation"][0]["measured_rps"])
     assert "Latency through the real pipeline at fixed loads" in docs.read_text()
     for figure in results["figures"]:

@@ -15,6 +15,7 @@ from echolm.evaluation.efficiency import (
     fit_shared_cpu_slowdown,
     fit_tier_cost,
     latency_percentiles,
+    queue_latencies,
     saturation_throughput,
     simulate_latencies,
     tier_makespan,
@@ -124,3 +125,13 @@ def test_latency_at_or_above_saturation_is_infinite() -> None:
     assert math.isinf(latency_percentiles([("large", 2.0)] * 2, 0.5)["p99"])
     light = latency_percentiles([("large", 2.0)] * 2, 0.05)
     assert 2.0 <= light["p50"] <= light["p99"] < 10.0
+
+
+def test_queue_latencies_follow_given_arrivals() -> None:
+    arrivals = [0.0, 0.0, 1.0]
+    requests = [("large", 2.0), ("small", 3.0), ("large", 1.0)]
+    # Both tiers busy from 0 (each 1.5x slower); the second large request waits for the first, done at 3 s;
+    # then it and the small one (1 s of work left each) run side by side and finish together at 4.5 s.
+    assert queue_latencies(arrivals, requests, slowdown=1.5).tolist() == pytest.approx([3.0, 4.5, 3.5])
+    # One generation at a time: the 6 s of work end at 6 s.
+    assert queue_latencies(arrivals, requests).tolist() == pytest.approx([4.0, 6.0, 5.0])
