@@ -41,6 +41,7 @@ from echolm.evaluation.report import (
     ECHOLM_FULL,
     ECHOLM_LEARNED,
     ECHOLM_REPLAY,
+    ECHOLM_REPLAY_CACHE_FRONT,
     ECHOLM_REPLAY_REUSE,
     ECHOLM_REUSE,
     ECHOLM_SIMILARITY,
@@ -440,7 +441,7 @@ def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
     if small and replayed:
         targets["small_win_rate_lift_points (replayed cache)"] = 100 * (replayed[0].win_rate - small[0].win_rate)
     for name in (ECHOLM_SIMILARITY, ECHOLM_LEARNED, ECHOLM_COLD, ECHOLM_FULL, ECHOLM_REUSE, ECHOLM_REPLAY,
-                 ECHOLM_REPLAY_REUSE):
+                 ECHOLM_REPLAY_REUSE, ECHOLM_REPLAY_CACHE_FRONT):
         if name in systems:
             best = throughput_at_win_rate(systems[name], TARGET_WIN_RATE)
             targets[f"{name}: throughput at win rate >= 0.5"] = best.throughput_ratio if best else None

@@ -22,6 +22,7 @@ from echolm.evaluation.report import (  # noqa: E402
     ECHOLM_FULL,
     ECHOLM_LEARNED,
     ECHOLM_REPLAY,
+    ECHOLM_REPLAY_CACHE_FRONT,
     ECHOLM_REPLAY_REUSE,
     ECHOLM_REUSE,
     ECHOLM_SIMILARITY,
@@ -54,6 +55,7 @@ STYLE: dict[str, dict[str, object]] = {
     SMALL_REPLAYED: {"color": "navy", "marker": "D"},
     ECHOLM_REPLAY: {"color": "navy", "marker": "o"},
     ECHOLM_REPLAY_REUSE: {"color": "navy", "marker": "*"},
+    ECHOLM_REPLAY_CACHE_FRONT: {"color": "tab:gray", "marker": "*"},
     SEMANTIC_CACHE_REPLAYED: {"color": "goldenrod", "marker": "^"},
 }
 

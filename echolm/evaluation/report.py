@@ -45,6 +45,9 @@ SEMANTIC_CACHE = "semantic cache (GPTCache-style)"
 SMALL_REPLAYED = "small + nearest examples, replayed cache"
 ECHOLM_REPLAY = "EchoLM with replay (stage 1 + similarity router)"
 ECHOLM_REPLAY_REUSE = "EchoLM with replay + verbatim reuse of repeats"
+# The same pipeline with the reuse bar swept as low as a semantic cache's: a semantic cache in front of
+# EchoLM, which then serves the misses (a semantic cache sends them all to the large model).
+ECHOLM_REPLAY_CACHE_FRONT = "EchoLM with replay behind a semantic cache"
 SEMANTIC_CACHE_REPLAYED = "semantic cache on the replayed cache"
 ROUTELLM = "RouteLLM-style router (no examples)"
 TARGET_WIN_RATE = 0.5
@@ -360,6 +363,11 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
                             knob=f"reuse at similarity >= {bar}; best example similarity >=", knob_value=t,
                             reuse_min_similarity=bar)
             for bar in REUSE_BARS for t in sweep_thresholds(similarity.values())]
+        systems[ECHOLM_REPLAY_CACHE_FRONT] = [
+            scorer.evaluate(ECHOLM_REPLAY_CACHE_FRONT, replay_reuse_choices(similarity, replayed_hits, bar, t),
+                            knob=f"reuse at similarity >= {bar:.4f}; best example similarity >=", knob_value=t,
+                            reuse_min_similarity=bar)
+            for bar in sweep_thresholds(similarity.values()) for t in sweep_thresholds(similarity.values())]
     return systems
 
 
