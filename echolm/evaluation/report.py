@@ -20,7 +20,6 @@ from echolm.evaluation.efficiency import (
     CostModel,
     Service,
     latency_percentiles,
-    saturation_throughput,
     tier_makespan,
     work_by_tier,
 )
@@ -187,6 +186,13 @@ class WorkloadScorer:
             self._jobs[key] = self.run.job(item, self.run.arm_for(item, arm_name))
         return self._jobs[key]
 
+    def service(self, served: Sequence[tuple[TaskItem, RequestResult, float, int]], *,
+                uses_retrieval: bool = True) -> list[Service]:
+        """Each ``served`` request's queue and modelled seconds: its generation plus the retrieval overhead
+        (where the system retrieves), or the overhead alone for an answer reused from the cache."""
+        overhead = self.costs.retrieval_overhead_s if uses_retrieval else 0.0
+        return [(result.tier, cost + overhead if result.tier != "cache" else cost) for _, result, cost, _ in served]
+
     def large_cost_s(self) -> float:
         """Always-large's modelled seconds over the traffic: every system's throughput is relative to it."""
         if self._large_cost_s is None:
@@ -201,16 +207,15 @@ class WorkloadScorer:
         slowdown = self.costs.shared_cpu_slowdown
         outcomes: list[str] = []
         passed: list[bool] = []
-        service: list[Service] = []
         measured: list[Service] = []
         tokens: dict[str, dict[str, float]] = {}
         small = hits = 0
-        for item, result, cost, reused in self.served(choices):
+        served = self.served(choices)
+        for item, result, cost, reused in served:
             large = self.arm_result(item, "large")
             outcomes.append(pass_fail_outcome(result.passed, large.passed))
             passed.append(result.passed)
             extra = overhead if result.tier != "cache" else 0.0
-            service.append((result.tier, cost + extra))
             measured.append((result.tier, result.measured_s + extra))
             small += result.tier == "small"
             hits += result.tier == "cache"
@@ -222,14 +227,15 @@ class WorkloadScorer:
             per_tier["decode"] += result.completion_tokens
         n = len(outcomes)
         counts = Counter(outcomes)
+        service = self.service(served, uses_retrieval=uses_retrieval)
+        makespan = tier_makespan(work_by_tier(service), slowdown)
         for per_tier in tokens.values():
             for key in ("prefill", "prefill_reused", "decode"):
                 per_tier[key] /= per_tier["requests"]
         return SystemPoint(
             workload=self.run.workload.name, system=system, knob=knob, knob_value=knob_value, requests=n,
             accuracy=sum(passed) / n, win_rate=win_rate_of(outcomes), wins=counts["win"], ties=counts["tie"],
-            losses=counts["loss"], throughput_rps=saturation_throughput(service, slowdown),
-            throughput_ratio=large_total / tier_makespan(work_by_tier(service), slowdown),
+            losses=counts["loss"], throughput_rps=n / makespan, throughput_ratio=large_total / makespan,
             measured_throughput_ratio=large_measured / tier_makespan(work_by_tier(measured), slowdown),
             small_share=small / n, cache_hit_share=hits / n, mean_cost_s=float(np.mean([s for _, s in service])),
             tokens=tokens,
@@ -363,11 +369,12 @@ def evaluate_workload(scorer: WorkloadScorer) -> dict[str, list[SystemPoint]]:
                             knob=f"reuse at similarity >= {bar}; best example similarity >=", knob_value=t,
                             reuse_min_similarity=bar)
             for bar in REUSE_BARS for t in sweep_thresholds(similarity.values())]
+        thresholds = sweep_thresholds(similarity.values())
         systems[ECHOLM_REPLAY_CACHE_FRONT] = [
             scorer.evaluate(ECHOLM_REPLAY_CACHE_FRONT, replay_reuse_choices(similarity, replayed_hits, bar, t),
                             knob=f"reuse at similarity >= {bar:.4f}; best example similarity >=", knob_value=t,
                             reuse_min_similarity=bar)
-            for bar in sweep_thresholds(similarity.values()) for t in sweep_thresholds(similarity.values())]
+            for bar in thresholds for t in thresholds]
     return systems
 
 

@@ -32,7 +32,6 @@ from echolm.datasets import TaskItem
 from echolm.domain import ChatMessage, Example
 from echolm.evaluation.efficiency import (
     LatencyPoint,
-    Service,
     ValidationPoint,
     queue_latencies,
     tier_makespan,
@@ -40,7 +39,7 @@ from echolm.evaluation.efficiency import (
 )
 from echolm.evaluation.generation_cache import WARMUP_PROMPT
 from echolm.evaluation.harness import WorkloadRun
-from echolm.evaluation.report import RequestResult, WorkloadScorer
+from echolm.evaluation.report import WorkloadScorer
 from echolm.evaluation.systems import EVAL_TENANT, Choice
 from echolm.evaluation.workload import poisson_arrivals
 from echolm.settings import Settings
@@ -161,13 +160,6 @@ def read_answers(batch_output: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     return out
 
 
-def _service(scorer: WorkloadScorer, served: Sequence[tuple[TaskItem, RequestResult, float, int]]) -> list[Service]:
-    """Each served request's queue and modelled seconds: its generation plus the retrieval overhead, or
-    the overhead alone for an answer reused from the cache."""
-    overhead = scorer.costs.retrieval_overhead_s
-    return [(result.tier, cost if result.tier == "cache" else cost + overhead) for _, result, cost, _ in served]
-
-
 def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, timeout_s: float = 1800.0) -> ValidationPoint:
     """Serve ``items`` through the real pipeline set up as ``spec``, in order, and compare with the cost
@@ -203,7 +195,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
     for _, tier in answers.values():
         by_tier[tier] = by_tier.get(tier, 0) + 1
     n = len(items)
-    predicted = tier_makespan(work_by_tier(_service(scorer, modelled)), scorer.costs.shared_cpu_slowdown)
+    predicted = tier_makespan(work_by_tier(scorer.service(modelled)), scorer.costs.shared_cpu_slowdown)
     return ValidationPoint(system=spec.system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
                            by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate)
@@ -267,7 +259,7 @@ def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[Task
                  rate_rps, load)
         responses = asyncio.run(asyncio.wait_for(_serve_paced(live, requests, offsets, 600.0), timeout_s))
     answered = [r for r in responses.values() if r.ok]
-    modelled = queue_latencies(offsets, _service(scorer, scorer.served(choices, items)),
+    modelled = queue_latencies(offsets, scorer.service(scorer.served(choices, items)),
                                slowdown=scorer.costs.shared_cpu_slowdown)
     latencies = sorted(r.finished_at - r.submitted_at for r in answered)
     by_tier: dict[str, int] = {}
