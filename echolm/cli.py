@@ -278,9 +278,10 @@ from echolm import cli_learning  # noqa: E402  (feedback, selector, router)
 
 cli_learning.register(app)
 
-from echolm.cli_eval import eval_command  # noqa: E402
+from echolm.cli_eval import eval_cache_app, eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
+app.add_typer(eval_cache_app, name="eval-cache")
 
 
 def main() -> None:

@@ -85,3 +85,39 @@ def eval_command(
         for key, value in summary["targets"].items():
             typer.echo(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
     typer.echo(json.dumps({"results": str(out_dir / "results.json"), "figures": results["figures"]}))
+
+
+eval_cache_app = typer.Typer(help="The evaluation's answers as a file: score them on another machine without "
+                                  "regenerating (calibrate there for speed).", no_args_is_help=True)
+_CacheDir = Annotated[Path | None, typer.Option(help="generation cache (default ~/.cache/echolm/eval)")]
+
+
+@eval_cache_app.command("export")
+def export_command(
+    path: Annotated[Path, typer.Argument(help="snapshot to write (gzip'd JSON, e.g. answers.json.gz)")],
+    cache_dir: _CacheDir = None,
+    model: Annotated[list[str] | None, typer.Option(help="only this model's generations (repeatable)")] = None,
+) -> None:
+    """Write the cached answers and replay outcomes to one file (timings stay: they are this machine's)."""
+    from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR
+    from echolm.evaluation.snapshot import export_snapshot
+
+    counts = export_snapshot(cache_dir or DEFAULT_CACHE_DIR, path, model or None)
+    typer.echo(f"{path}: {counts.generations} generations, {counts.replays} replay outcomes")
+
+
+@eval_cache_app.command("import")
+def import_command(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="snapshot written by export")],
+    cache_dir: _CacheDir = None,
+) -> None:
+    """Add a snapshot's answers to the cache; answers already there are kept."""
+    from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR
+    from echolm.evaluation.snapshot import SnapshotError, import_snapshot
+
+    try:
+        counts = import_snapshot(path, cache_dir or DEFAULT_CACHE_DIR)
+    except SnapshotError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PATH") from exc
+    typer.echo(f"{path}: {counts.generations} new generations, {counts.replays} new replay outcomes "
+               "(run phase calibrate here before reading throughput)")

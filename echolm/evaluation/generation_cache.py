@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # A short request that loads a model before a timed run.
 WARMUP_PROMPT = "Say OK."
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "echolm" / "eval"
+# ``source`` is NULL for a generation made here and names the snapshot for one imported from another machine
+# (``echolm eval-cache import``): imported answers are reused, their timings never enter the cost model.
+_GENERATION_COLUMNS = ("key", "model", "messages", "params", "text", "prompt_tokens", "completion_tokens",
+                       "finish_reason", "latency_s", "load_avg", "error", "created_at", "source")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
     key TEXT PRIMARY KEY,
@@ -48,7 +52,8 @@ CREATE TABLE IF NOT EXISTS generations (
     latency_s REAL NOT NULL,
     load_avg REAL,
     error TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    source TEXT
 );
 CREATE TABLE IF NOT EXISTS timings (
     key TEXT NOT NULL,
@@ -119,6 +124,9 @@ class GenerationCache:
         self._db = sqlite3.connect(self.path, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(generations)")}
+        if "source" not in columns:  # a cache written before snapshots existed
+            self._db.execute("ALTER TABLE generations ADD COLUMN source TEXT")
         self._db.commit()
 
     def get(self, key: str) -> CachedGeneration | None:
@@ -136,18 +144,40 @@ class GenerationCache:
         return found
 
     def put(self, job: GenerationJob, result: CachedGeneration) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job.key, job.model, json.dumps([[m.role, m.content] for m in job.messages], ensure_ascii=False),
-             json.dumps({"max_tokens": job.params.max_tokens, "temperature": job.params.temperature}),
-             result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason, result.latency_s,
-             result.load_avg, result.error, time.time()))
+        self._insert("INSERT OR REPLACE", (
+            job.key, job.model, json.dumps([[m.role, m.content] for m in job.messages], ensure_ascii=False),
+            json.dumps({"max_tokens": job.params.max_tokens, "temperature": job.params.temperature}),
+            result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason, result.latency_s,
+            result.load_avg, result.error, time.time(), None))
         self._db.commit()
 
+    def _insert(self, verb: str, row: Sequence[object]) -> bool:
+        cursor = self._db.execute(
+            f"{verb} INTO generations ({', '.join(_GENERATION_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in _GENERATION_COLUMNS)})", tuple(row))
+        return cursor.rowcount > 0
+
+    def export_rows(self, models: Iterable[str] | None = None) -> list[dict[str, object]]:
+        """Every successful generation (of ``models`` when given) as a plain dict, for a snapshot file."""
+        rows = self._db.execute(f"SELECT {', '.join(_GENERATION_COLUMNS)} FROM generations WHERE error IS NULL "
+                                "ORDER BY created_at").fetchall()
+        wanted = None if models is None else set(models)
+        return [dict(zip(_GENERATION_COLUMNS, row, strict=True)) for row in rows if wanted is None or row[1] in wanted]
+
+    def import_rows(self, rows: Iterable[dict[str, object]], source: str) -> int:
+        """Adds the snapshot's generations under ``source``; a key already here is kept. Returns how many were new."""
+        added = 0
+        for row in rows:
+            values = {**row, "source": row.get("source") or source}
+            added += self._insert("INSERT OR IGNORE", [values[column] for column in _GENERATION_COLUMNS])
+        self._db.commit()
+        return added
+
     def measured(self) -> list[tuple[str, int, int, float, float | None]]:
-        """(model, prompt tokens, completion tokens, seconds, load average) of every successful generation."""
+        """(model, prompt tokens, completion tokens, seconds, load average) of every successful generation made
+        on this machine (imported ones ran elsewhere, so their seconds say nothing about this one)."""
         rows = self._db.execute("SELECT model, prompt_tokens, completion_tokens, latency_s, load_avg FROM generations "
-                                "WHERE error IS NULL ORDER BY created_at").fetchall()
+                                "WHERE error IS NULL AND source IS NULL ORDER BY created_at").fetchall()
         return [(str(m), int(p), int(c), float(s), None if la is None else float(la)) for m, p, c, s, la in rows]
 
     def add_timing(self, job: GenerationJob, threads: int | None, result: CachedGeneration) -> None:

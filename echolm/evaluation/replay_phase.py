@@ -209,8 +209,17 @@ class ReplayStore:
         return ReplayOutcome(**json.loads(path.read_text()))
 
     def put(self, key: str, outcome: ReplayOutcome) -> None:
+        self.put_raw(key, asdict(outcome))
+
+    def raw(self) -> dict[str, dict[str, Any]]:
+        """Every stored outcome as its JSON object, by key (what a snapshot carries)."""
+        if not self._directory.is_dir():
+            return {}
+        return {path.stem: json.loads(path.read_text()) for path in sorted(self._directory.glob("*.json"))}
+
+    def put_raw(self, key: str, outcome: dict[str, Any]) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
-        (self._directory / f"{key}.json").write_text(json.dumps(asdict(outcome), indent=1))
+        (self._directory / f"{key}.json").write_text(json.dumps(outcome, indent=1))
 
 
 def stored_or_replayed(run: WorkloadRun, generate: bool, *, store: ReplayStore, settings: Settings,
