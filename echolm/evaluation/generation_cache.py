@@ -212,6 +212,9 @@ class GenerationCache:
                                 (threads,)).fetchall()
         return [(json.loads(alone), float(together)) for alone, together in rows]
 
+    def imported_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM generations WHERE source IS NOT NULL").fetchone()[0])
+
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM generations").fetchone()[0])
 

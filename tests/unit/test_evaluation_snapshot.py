@@ -49,6 +49,7 @@ def test_imported_answers_are_reused_but_their_seconds_never_enter_the_cost_mode
     assert cache.get(jobs[1].key).text == "my own answer two"  # what was here is kept
     assert missing_jobs(jobs, cache) == [jobs[2]]  # a failure elsewhere is retried here
     assert cache.measured() == [("small", 7, 3, 1.5, 0.5)]  # only this machine's timing
+    assert (len(cache), cache.imported_count()) == (2, 1)
     cache.close()
     assert ReplayStore(here).raw() == {"abc": {"answers": ["replayed"], "samples": 10}}
     assert import_snapshot(tmp_path / "snap.json.gz", here) == type(counts)(0, 0)  # idempotent
