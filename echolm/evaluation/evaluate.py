@@ -180,9 +180,20 @@ def measured_costs(cache: GenerationCache, serving: Settings, overhead_s: float,
                 f"calibration timings: {len(calibrated)} requests, each the fastest of its repeated runs, with the "
                 f"serving thread count ({threads.pop() or 'all cores'})")
     tier_of = {tier.model: tier.name for tier in serving.tiers}
-    samples = [CostSample(tier_of[model], p, c, s) for model, p, c, s, _ in cache.measured() if model in tier_of]
+
+    def generation_samples(imported: bool) -> list[CostSample]:
+        return [CostSample(tier_of[model], p, c, s) for model, p, c, s, _ in cache.measured(imported)
+                if model in tier_of]
+
+    samples = generation_samples(imported=False)
+    if {s.tier for s in samples} >= set(tier_of.values()):
+        return (fit_cost_model(samples, retrieval_overhead_s=overhead_s, shared_cpu_slowdown=slowdown),
+                f"the generation runs' own timings ({len(samples)} generations; no calibration yet)")
+    # Only a snapshot's answers are here: score them, but say that the speed is another machine's.
+    samples += generation_samples(imported=True)
     return (fit_cost_model(samples, retrieval_overhead_s=overhead_s, shared_cpu_slowdown=slowdown),
-            f"the generation runs' own timings ({len(samples)} generations; no calibration yet)")
+            f"generation timings that include another machine's ({len(samples)} generations, some imported from a "
+            f"snapshot; run phase calibrate here before reading throughput)")
 
 
 def prefix_credit(serving: Settings) -> PrefixCredit | None:

@@ -173,11 +173,12 @@ class GenerationCache:
         self._db.commit()
         return added
 
-    def measured(self) -> list[tuple[str, int, int, float, float | None]]:
+    def measured(self, imported: bool = False) -> list[tuple[str, int, int, float, float | None]]:
         """(model, prompt tokens, completion tokens, seconds, load average) of every successful generation made
-        on this machine (imported ones ran elsewhere, so their seconds say nothing about this one)."""
+        on this machine, or (``imported``) of those imported from a snapshot, which ran elsewhere."""
         rows = self._db.execute("SELECT model, prompt_tokens, completion_tokens, latency_s, load_avg FROM generations "
-                                "WHERE error IS NULL AND source IS NULL ORDER BY created_at").fetchall()
+                                f"WHERE error IS NULL AND source IS {'NOT ' if imported else ''}NULL "
+                                "ORDER BY created_at").fetchall()
         return [(str(m), int(p), int(c), float(s), None if la is None else float(la)) for m, p, c, s, la in rows]
 
     def add_timing(self, job: GenerationJob, threads: int | None, result: CachedGeneration) -> None:

@@ -102,3 +102,23 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     cache.close()
     rerun = run_evaluation(EvalConfig(**{**vars(config), "validate": 0}), base)
     assert rerun["generations_cached"] == before
+
+    # A snapshot of the answers gives a fresh cache the same quality figures without generating;
+    # the speed is labelled as another machine's until phase calibrate runs there.
+    from echolm.evaluation.snapshot import export_snapshot, import_snapshot
+
+    exported = export_snapshot(tmp_path / "cache", tmp_path / "answers.json.gz")
+    assert exported.replays == 2
+    imported = import_snapshot(tmp_path / "answers.json.gz", tmp_path / "fresh-cache")
+    assert imported == exported
+    elsewhere = run_evaluation(EvalConfig(**{**vars(config), "validate": 0, "generate": False, "docs": None,
+                                             "cache_dir": tmp_path / "fresh-cache", "out_dir": tmp_path / "out2"}), base)
+    assert elsewhere["generations_imported"] == elsewhere["generations_cached"] == exported.generations
+    assert "another machine's" in elsewhere["cost_source"]
+    # Systems whose sweep does not depend on the cost model (the bandit router and the operating points do).
+    for name in ("mbpp", "gsm8k-numbers-program"):
+        for system in ("always-small", "small + nearest examples (stage 1)", "semantic cache (GPTCache-style)",
+                       "small + nearest examples, replayed cache", "EchoLM (stage 1 + similarity router)"):
+            def quality(results, system=system, name=name):
+                return [(p["accuracy"], p["win_rate"]) for p in results["workloads"][name]["systems"][system]]
+            assert quality(elsewhere) == quality(rerun)
