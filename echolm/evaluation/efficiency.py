@@ -249,6 +249,13 @@ class ValidationPoint:
     # generation seconds: what separates a slower engine from the pipeline's own overhead.
     generate_s: float = 0.0
     predicted_generate_s: float = 0.0
+    # The requests whose exact generation phase calibrate also timed: their generate-stage seconds in the
+    # pipeline next to calibration's fastest and mean run of the same prompt. Equal sums put a gap between
+    # model and pipeline on the fit; a larger pipeline sum means the engine itself runs slower in the worker.
+    calibrated_requests: int = 0
+    calibrated_pipeline_s: float = 0.0
+    calibrated_fastest_s: float = 0.0
+    calibrated_mean_s: float = 0.0
 
     @property
     def error(self) -> float:

@@ -507,6 +507,13 @@ def replay_paragraph(run: WorkloadRun, outcome: ReplayOutcome) -> str:
             f"{outcome.seconds:.0f} s of the large tier, in idle time: not counted in any system's throughput.")
 
 
+def _calibrated_cell(v: dict[str, Any]) -> str:
+    if not v.get("calibrated_requests"):
+        return "-"
+    return (f"{v['calibrated_pipeline_s']:.1f} / {v['calibrated_fastest_s']:.1f} / {v['calibrated_mean_s']:.1f} "
+            f"({v['calibrated_requests']})")
+
+
 def _imported_note(imported: int) -> str:
     return f", {imported} of them imported from a snapshot (answers only: timings are this machine's)" if imported else ""
 
@@ -544,10 +551,13 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
                   "examples from the replayed cache (when the replay phase ran) offloads all of them to the cache as "
                   "the replay left it. *Model s* is the models' own time summed over the requests (the generate "
                   "stage's timing), next to the cost model's: where it matches, the rest of *measured s* is the "
-                  "pipeline's own overhead.", "",
+                  "pipeline's own overhead. *Same prompts as calibration* sums the requests that phase calibrate "
+                  "also timed (same prompt, same answer): their model time in the pipeline / calibration's fastest "
+                  "run / its mean run, so a slower engine in the worker shows apart from the fit.", "",
                   "| system | requests | measured s | predicted s | model s, measured / predicted | measured req/s | "
-                  "predicted req/s | error | throughput vs always-large, measured / predicted | same answers | tiers |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "predicted req/s | error | throughput vs always-large, measured / predicted | same answers | tiers | "
+                  "same prompts as calibration: pipeline / fastest / mean s (n) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         baseline = next((v for v in results["validation"] if v["system"] == ALWAYS_LARGE), None)
         for v in results["validation"]:
             error = v["predicted_rps"] / v["measured_rps"] - 1
@@ -557,7 +567,7 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
                        else "-")  # runs before session 9 did not record it
             lines.append(f"| {v['system']} | {v['requests']} | {v['measured_s']:.1f} | {v['predicted_s']:.1f} | "
                          f"{model_s} | {v['measured_rps']:.4f} | {v['predicted_rps']:.4f} | {100 * error:+.0f}% | {ratio} | "
-                         f"{v['same_answers']}/{v['requests']} | {v['by_tier']} |")
+                         f"{v['same_answers']}/{v['requests']} | {v['by_tier']} | {_calibrated_cell(v)} |")
         lines.append("")
     if results.get("pipeline_latency"):
         lines += ["#### Latency through the real pipeline at fixed loads", "",

@@ -195,6 +195,10 @@ class GenerationCache:
                 "SELECT COUNT(*) FROM timings WHERE key = ? AND threads IS ?", (key, threads)).fetchone()[0])
         return counts
 
+    def timing_seconds(self, key: str) -> list[float]:
+        """Every calibration run of one generation, in seconds."""
+        return [float(s) for (s,) in self._db.execute("SELECT seconds FROM timings WHERE key = ?", (key,))]
+
     def fastest_timings(self, threads: int | None) -> list[tuple[str, int, int, float, int]]:
         """(tier, prompt tokens, completion tokens, fastest seconds, measurements) per calibrated job."""
         rows = self._db.execute(

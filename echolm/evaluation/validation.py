@@ -160,6 +160,24 @@ def read_answers(batch_output: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     return out
 
 
+@dataclass
+class CalibratedPairs:
+    """Sums over the served requests that phase calibrate also timed (``ValidationPoint.calibrated_*``)."""
+
+    requests: int = 0
+    pipeline_s: float = 0.0
+    fastest_s: float = 0.0
+    mean_s: float = 0.0
+
+    def add(self, pipeline_s: float, calibration_runs: Sequence[float]) -> None:
+        if not calibration_runs or pipeline_s <= 0:
+            return
+        self.requests += 1
+        self.pipeline_s += pipeline_s
+        self.fastest_s += min(calibration_runs)
+        self.mean_s += sum(calibration_runs) / len(calibration_runs)
+
+
 def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, choices: dict[str, Choice],
                     items: Sequence[TaskItem], work_dir: Path, *, timeout_s: float = 1800.0) -> ValidationPoint:
     """Serve ``items`` through the real pipeline set up as ``spec``, in order, and compare with the cost
@@ -181,6 +199,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
     generate_s = sum(float((provenance.get("timings") or {}).get("generate", 0.0)) for _, provenance in served.values())
     same = 0
     predicted_generate = 0.0
+    calibrated = CalibratedPairs()
     modelled = scorer.served(choices, items)
     for n, (item, result, cost, _) in enumerate(modelled):
         choice = choices[item.id]
@@ -189,7 +208,12 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
             expected = entries[choice.cached_index].response
         else:
             predicted_generate += cost
-            expected = run.generation(item, run.arm_for(item, result.arm)).text
+            generation = run.generation(item, run.arm_for(item, result.arm))
+            expected = generation.text
+            text, provenance = served.get(_custom_id(n, item), ("", {}))
+            if text.strip() == expected.strip():  # the same work as the timed runs
+                calibrated.add(float((provenance.get("timings") or {}).get("generate", 0.0)),
+                               run.cache.timing_seconds(generation.key))
         same += answers.get(_custom_id(n, item), ("", ""))[0].strip() == expected.strip()
     by_tier: dict[str, int] = {}
     for _, tier in answers.values():
@@ -198,7 +222,10 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
     predicted = tier_makespan(work_by_tier(scorer.service(modelled)), scorer.costs.shared_cpu_slowdown)
     return ValidationPoint(system=spec.system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
-                           by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate)
+                           by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate,
+                           calibrated_requests=calibrated.requests, calibrated_pipeline_s=calibrated.pipeline_s,
+                           calibrated_fastest_s=calibrated.fastest_s, calibrated_mean_s=calibrated.mean_s)
+
 
 
 async def _serve_paced(settings: Settings, requests: Sequence[RequestRecord], offsets: Sequence[float],

@@ -135,3 +135,14 @@ def test_queue_latencies_follow_given_arrivals() -> None:
     assert queue_latencies(arrivals, requests, slowdown=1.5).tolist() == pytest.approx([3.0, 4.5, 3.5])
     # One generation at a time: the 6 s of work end at 6 s.
     assert queue_latencies(arrivals, requests).tolist() == pytest.approx([4.0, 6.0, 5.0])
+
+
+def test_calibrated_pairs_sum_only_requests_that_calibration_also_timed() -> None:
+    from echolm.evaluation.validation import CalibratedPairs
+
+    pairs = CalibratedPairs()
+    pairs.add(12.0, [10.0, 11.0])
+    pairs.add(5.0, [])  # never calibrated
+    pairs.add(0.0, [3.0])  # no generate timing in the response
+    pairs.add(6.0, [4.0, 5.0, 6.0])
+    assert (pairs.requests, pairs.pipeline_s, pairs.fastest_s, pairs.mean_s) == (2, 18.0, 14.0, 15.5)
