@@ -256,6 +256,7 @@ class ValidationPoint:
     calibrated_pipeline_s: float = 0.0
     calibrated_fastest_s: float = 0.0
     calibrated_mean_s: float = 0.0
+    workload: str = ""
 
     @property
     def error(self) -> float:
@@ -281,3 +282,4 @@ class LatencyPoint:
     predicted_p50_s: float = float("nan")
     predicted_p99_s: float = float("nan")
     predicted_mean_s: float = float("nan")
+    workload: str = ""

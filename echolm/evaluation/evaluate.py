@@ -64,7 +64,7 @@ from echolm.evaluation.report import (
     throughput_at_win_rate,
     tokens_table,
 )
-from echolm.evaluation.systems import Choice
+from echolm.evaluation.systems import Choice, sweep_thresholds
 from echolm.evaluation.validation import PipelineRun, measure_latency, validate_system
 from echolm.evaluation.workload import BUILT_IN_WORKLOADS, Workload, load_workload
 from echolm.settings import Settings
@@ -291,12 +291,15 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         results["workloads"][run.workload.name] = workload_summary(run, systems, sizes[run.workload.name])
         sections.append(workload_section(run, scorer, systems, sizes[run.workload.name]))
     if config.validate > 0:
-        validation = _validate(config, serving, runs[0], scorers[0], pareto)
-        results["validation"] = [vars_of(v) for v in validation]
+        results["validation"], latency = [], []
+        for run, scorer in zip(runs, scorers, strict=True):
+            validation = _validate(config, serving, run, scorer, pareto)
+            results["validation"] += [vars_of(v) for v in validation]
+            if config.validate_loads:
+                latency += [vars_of(p) for p in _pipeline_latency(config, serving, run, scorer, pareto, validation)]
         results["validation_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        if config.validate_loads:
-            results["pipeline_latency"] = [vars_of(p) for p in _pipeline_latency(config, serving, runs[0], scorers[0],
-                                                                                 pareto, validation)]
+        if latency:
+            results["pipeline_latency"] = latency
     # A report-only re-run keeps the last real-pipeline runs (they take many minutes); latency figures
     # only with the validation they were measured against.
     previous = config.out_dir / "results.json"
@@ -324,14 +327,15 @@ def _validate(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: 
     """The first ``config.validate`` traffic requests in arrival order (repeats included, so the tiers'
     prefix caches see what they would), through the real pipeline."""
     items = run.workload.traffic[:config.validate]
-    work_dir = config.out_dir / "validation"
+    work_dir = config.out_dir / "validation" / run.workload.name
     points = [validate_system(settings, scorer, PipelineRun(ALWAYS_LARGE, "always-large", None),
                               {i.id: Choice(arm="large") for i in items}, items, work_dir)]
     if run.workload.name in pareto and ECHOLM_SIMILARITY in pareto[run.workload.name]:
         # A threshold that offloads about half of these requests: the cost model has to predict a mix of
         # both tiers (the operating point may offload none of so few requests).
-        sims = sorted(run.table.best(i.id)[1] for i in items)
-        threshold = sims[len(sims) // 2]
+        sims = [run.table.best(i.id)[1] for i in items]
+        median = sorted(sims)[len(sims) // 2]
+        threshold = max(t for t in sweep_thresholds(sims) if t <= median)  # offloads those >= the median
         choices = {i.id: Choice(arm="small+nearest") if run.table.best(i.id)[1] >= threshold else Choice(arm="large")
                    for i in items}
         points.append(validate_system(settings, scorer, PipelineRun(ECHOLM_SIMILARITY, "similarity", threshold),
@@ -383,7 +387,8 @@ def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, 
     elif SMALL_REPLAYED in systems:
         specs.append((PipelineRun(SMALL_REPLAYED, "similarity", -1.0, replayed_cache=True),
                       {i.id: Choice(arm=REPLAYED_ARM) for i in items}))
-    return [measure_latency(settings, scorer, items, config.out_dir / "latency", spec=spec, choices=choices,
+    return [measure_latency(settings, scorer, items, config.out_dir / "latency" / run.workload.name, spec=spec,
+                            choices=choices,
                             rate_rps=load * capacity, load=load, seed=config.seed)
             for load in config.validate_loads for spec, choices in specs]
 
@@ -554,32 +559,35 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
                   "pipeline's own overhead. *Same prompts as calibration* sums the requests that phase calibrate "
                   "also timed (same prompt, same answer): their model time in the pipeline / calibration's fastest "
                   "run / its mean run, so a slower engine in the worker shows apart from the fit.", "",
-                  "| system | requests | measured s | predicted s | model s, measured / predicted | measured req/s | "
+                  "| workload | system | requests | measured s | predicted s | model s, measured / predicted | measured req/s | "
                   "predicted req/s | error | throughput vs always-large, measured / predicted | same answers | tiers | "
                   "same prompts as calibration: pipeline / fastest / mean s (n) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        baseline = next((v for v in results["validation"] if v["system"] == ALWAYS_LARGE), None)
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for v in results["validation"]:
+            baseline = next((b for b in results["validation"] if b["system"] == ALWAYS_LARGE
+                             and b.get("workload") == v.get("workload")), None)
             error = v["predicted_rps"] / v["measured_rps"] - 1
             ratio = (f"{baseline['measured_s'] / v['measured_s']:.2f}x / {baseline['predicted_s'] / v['predicted_s']:.2f}x"
                      if baseline else "-")
             model_s = (f"{v['generate_s']:.1f} / {v['predicted_generate_s']:.1f}" if v.get("generate_s")
                        else "-")  # runs before session 9 did not record it
-            lines.append(f"| {v['system']} | {v['requests']} | {v['measured_s']:.1f} | {v['predicted_s']:.1f} | "
+            lines.append(f"| {v.get('workload') or '-'} | {v['system']} | {v['requests']} | {v['measured_s']:.1f} | "
+                         f"{v['predicted_s']:.1f} | "
                          f"{model_s} | {v['measured_rps']:.4f} | {v['predicted_rps']:.4f} | {100 * error:+.0f}% | {ratio} | "
                          f"{v['same_answers']}/{v['requests']} | {v['by_tier']} | {_calibrated_cell(v)} |")
         lines.append("")
     if results.get("pipeline_latency"):
         lines += ["#### Latency through the real pipeline at fixed loads", "",
                   "The same requests as above, in the same order, sent as a Poisson stream at a multiple of "
-                  "always-large's capacity as measured above; latency is each request's time from its send to its "
+                  "always-large's capacity on the same workload as measured above; latency is each request's time from its send to its "
                   "answer. With 40 requests or fewer the p99 is about the slowest request. *Modelled* = the cost "
                   "model's per-tier queues fed the same arrivals and the same routing decisions.", "",
-                  "| system | load (x always-large's capacity) | req/s | requests | errors | p50 s | p99 s | mean s | "
-                  "modelled p50 / p99 / mean s | tiers |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| workload | system | load (x always-large's capacity) | req/s | requests | errors | p50 s | p99 s | "
+                  "mean s | modelled p50 / p99 / mean s | tiers |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in results["pipeline_latency"]:
             modelled = " / ".join(f"{p.get(f'predicted_{k}_s', float('nan')):.1f}" for k in ("p50", "p99", "mean"))
-            lines.append(f"| {p['system']} | {p['load']:.2f} | {p['rate_rps']:.3f} | {p['requests']} | {p['errors']} | "
+            lines.append(f"| {p.get('workload') or '-'} | {p['system']} | {p['load']:.2f} | {p['rate_rps']:.3f} | "
+                         f"{p['requests']} | {p['errors']} | "
                          f"{p['p50_s']:.1f} | {p['p99_s']:.1f} | {p['mean_s']:.1f} | {modelled} | {p['by_tier']} |")
         lines.append("")
     lines += ["#### Targets", ""]

@@ -168,9 +168,17 @@ def threshold_choices(scores: dict[str, float], threshold: float, above: Choice 
 
 
 def sweep_thresholds(scores: Sequence[float]) -> list[float]:
-    """Every threshold that changes a decision: each distinct score, plus one above them all."""
+    """Every threshold that changes a decision, from "all above" to "none above": one below every score,
+    one halfway between each pair of neighbouring distinct scores, one above them all.
+
+    Halfway, not at a score: the pipeline recomputes a request's similarity (faiss, float32), and a
+    threshold equal to a score would send that request either way on float noise (``--validate`` caught
+    it: the model offloaded a request the pipeline did not)."""
     distinct = sorted(set(float(s) for s in scores))
-    return [*distinct, (distinct[-1] + 1.0) if distinct else 1.0]
+    if not distinct:
+        return [1.0]
+    halfway = [(low + high) / 2 for low, high in zip(distinct, distinct[1:])]
+    return [distinct[0] - 1e-3, *halfway, distinct[-1] + 1.0]
 
 
 def similarity_weighted_scores(request_ids: Sequence[str], vectors: np.ndarray, groups: Sequence[str],

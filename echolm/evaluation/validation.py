@@ -224,7 +224,8 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
                            measured_rps=n / summary.wall_s, predicted_rps=n / predicted, same_answers=same,
                            by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate,
                            calibrated_requests=calibrated.requests, calibrated_pipeline_s=calibrated.pipeline_s,
-                           calibrated_fastest_s=calibrated.fastest_s, calibrated_mean_s=calibrated.mean_s)
+                           calibrated_fastest_s=calibrated.fastest_s, calibrated_mean_s=calibrated.mean_s,
+                           workload=run.workload.name)
 
 
 
@@ -298,4 +299,5 @@ def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[Task
                         p99_s=float(np.percentile(latencies, 99)) if latencies else float("nan"),
                         mean_s=float(np.mean(latencies)) if latencies else float("nan"), by_tier=by_tier,
                         predicted_p50_s=float(np.percentile(modelled, 50)),
-                        predicted_p99_s=float(np.percentile(modelled, 99)), predicted_mean_s=float(np.mean(modelled)))
+                        predicted_p99_s=float(np.percentile(modelled, 99)), predicted_mean_s=float(np.mean(modelled)),
+                        workload=scorer.run.workload.name)

@@ -73,22 +73,28 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     assert "Tiers generating at once (phase `calibrate`" in docs.read_text()
     # always-large, EchoLM at a threshold offloading half, small + the replayed cache's examples, and the
     # same with repeats answered verbatim from the replayed cache.
-    assert [v["requests"] for v in results["validation"]] == [2, 2, 2, 2]
-    assert results["validation"][2]["by_tier"] == {"small": 2}
-    assert set(results["validation"][3]["by_tier"]) <= {"small", "cache"}
-    assert sum(results["validation"][3]["by_tier"].values()) == 2
-    assert all(v["measured_s"] > 0 for v in results["validation"])
-    # The models' own time is read from the responses: the echo large tier sleeps 0.03 s per request.
-    assert results["validation"][0]["generate_s"] >= 2 * 0.03
+    # Every workload is validated, each in its own folder.
+    assert [v["workload"] for v in results["validation"]] == ["mbpp"] * 4 + ["gsm8k-numbers-program"] * 4
+    for name in ("mbpp", "gsm8k-numbers-program"):
+        validation = [v for v in results["validation"] if v["workload"] == name]
+        assert [v["requests"] for v in validation] == [2, 2, 2, 2]
+        assert validation[2]["by_tier"] == {"small": 2}
+        assert sum(validation[3]["by_tier"].values()) == 2
+        # The pipeline served what the model scored: the same answers, so the same tiers and cache hits.
+        assert all(v["same_answers"] == v["requests"] for v in validation)
+        assert all(v["measured_s"] > 0 for v in validation)
+        # The models' own time is read from the responses: the echo large tier sleeps 0.03 s per request.
+        assert validation[0]["generate_s"] >= 2 * 0.03
+        assert (tmp_path / "out" / "validation" / name / "always-large" / "requests.out.jsonl").exists()
+        # Latency at a fixed load through the pipeline: always-large and EchoLM with replay + reuse, every
+        # request answered, at a rate set by the same workload's always-large capacity.
+        latency = [p for p in results["pipeline_latency"] if p["workload"] == name]
+        assert [p["system"] for p in latency] == ["always-large", "EchoLM with replay + verbatim reuse of repeats"]
+        assert all(p["requests"] == 2 and p["errors"] == 0 and 0 < p["p50_s"] <= p["p99_s"] for p in latency)
+        # The cost model's queues fed the same stream: at least the modelled service time of a request.
+        assert all(0 < p["predicted_p50_s"] <= p["predicted_p99_s"] for p in latency)
+        assert latency[0]["rate_rps"] == pytest.approx(0.5 * validation[0]["measured_rps"])
     assert "EchoLM with replay + verbatim reuse of repeats" in systems
-    # Latency at a fixed load through the pipeline: always-large and EchoLM with replay + reuse, every
-    # request answered.
-    latency = results["pipeline_latency"]
-    assert [p["system"] for p in latency] == ["always-large", "EchoLM with replay + verbatim reuse of repeats"]
-    assert all(p["requests"] == 2 and p["errors"] == 0 and 0 < p["p50_s"] <= p["p99_s"] for p in latency)
-    # The cost model's queues fed the same stream: at least the modelled service time of a request.
-    assert all(0 < p["predicted_p50_s"] <= p["predicted_p99_s"] for p in latency)
-    assert latency[0]["rate_rps"] == pytest.approx(0.5 * results["validation"][0]["measured_rps"])
     assert "Latency through the real pipeline at fixed loads" in docs.read_text()
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 10_000

@@ -87,7 +87,10 @@ def test_threshold_choices_and_sweep() -> None:
     per_request = {"a": Choice(cached_index=1), "b": Choice(cached_index=2)}
     assert threshold_choices(scores, 0.0, per_request, Choice(arm="large"))["b"] == Choice(cached_index=2)
     thresholds = sweep_thresholds(scores.values())
-    assert thresholds[0] == 0.4 and thresholds[-1] > 0.9  # from "all offloaded" to "none offloaded"
+    assert len(thresholds) == 3 and thresholds[0] < 0.4 and thresholds[-1] > 0.9  # from all offloaded to none
+    assert thresholds[1] == 0.65  # between the scores, never on one: float noise must not flip a decision
+    assert [sorted(r for r, s in scores.items() if s >= t) for t in thresholds] == [["a", "b"], ["a"], []]
+    assert sweep_thresholds([]) == [1.0]
 
 
 def test_similarity_weighted_scores_leave_one_out_and_skip_the_same_group() -> None:
