@@ -520,7 +520,7 @@ def _calibrated_cell(v: dict[str, Any]) -> str:
 
 
 def _imported_note(imported: int) -> str:
-    return f", {imported} of them imported from a snapshot (answers only: timings are this machine's)" if imported else ""
+    return f", {imported} of them imported from a snapshot (their answers, not their speed)" if imported else ""
 
 
 def render_results(results: dict[str, Any], sections: list[str], costs: CostModel) -> str:
