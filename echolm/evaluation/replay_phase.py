@@ -211,6 +211,9 @@ class ReplayStore:
     def put(self, key: str, outcome: ReplayOutcome) -> None:
         self.put_raw(key, asdict(outcome))
 
+    def keys(self) -> set[str]:
+        return {path.stem for path in self._directory.glob("*.json")} if self._directory.is_dir() else set()
+
     def raw(self) -> dict[str, dict[str, Any]]:
         """Every stored outcome as its JSON object, by key (what a snapshot carries)."""
         if not self._directory.is_dir():

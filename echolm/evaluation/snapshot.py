@@ -75,7 +75,7 @@ def import_snapshot(path: Path, cache_dir: Path) -> SnapshotCounts:
     finally:
         cache.close()
     store = ReplayStore(cache_dir)
-    present = store.raw()
+    present = store.keys()
     replays = 0
     for key, outcome in document["replays"].items():
         if key not in present:

@@ -160,6 +160,11 @@ def read_answers(batch_output: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     return out
 
 
+def _generate_seconds(provenance: dict[str, Any]) -> float:
+    """The model's own seconds for one answer (the generate stage's timing; 0 for an answer without one)."""
+    return float((provenance.get("timings") or {}).get("generate", 0.0))
+
+
 @dataclass
 class CalibratedPairs:
     """Sums over the served requests that phase calibrate also timed (``ValidationPoint.calibrated_*``)."""
@@ -195,28 +200,26 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
         summary = asyncio.run(asyncio.wait_for(
             run_batch(live, main_in, data_dir / "requests.out.jsonl", progress=True), timeout_s))
     served = read_answers(data_dir / "requests.out.jsonl")
-    answers = {custom_id: (text, provenance.get("tier", "")) for custom_id, (text, provenance) in served.items()}
-    generate_s = sum(float((provenance.get("timings") or {}).get("generate", 0.0)) for _, provenance in served.values())
+    generate_s = sum(_generate_seconds(provenance) for _, provenance in served.values())
     same = 0
     predicted_generate = 0.0
     calibrated = CalibratedPairs()
     modelled = scorer.served(choices, items)
     for n, (item, result, cost, _) in enumerate(modelled):
         choice = choices[item.id]
+        text, provenance = served.get(_custom_id(n, item), ("", {}))
         if choice.cached_index is not None:
             entries = run.replayed_examples() if choice.replayed_cache else run.examples()
-            expected = entries[choice.cached_index].response
-        else:
-            predicted_generate += cost
-            generation = run.generation(item, run.arm_for(item, result.arm))
-            expected = generation.text
-            text, provenance = served.get(_custom_id(n, item), ("", {}))
-            if text.strip() == expected.strip():  # the same work as the timed runs
-                calibrated.add(float((provenance.get("timings") or {}).get("generate", 0.0)),
-                               run.cache.timing_seconds(generation.key))
-        same += answers.get(_custom_id(n, item), ("", ""))[0].strip() == expected.strip()
+            same += text.strip() == entries[choice.cached_index].response.strip()
+            continue
+        predicted_generate += cost
+        generation = run.generation(item, run.arm_for(item, result.arm))
+        if text.strip() == generation.text.strip():  # the same work as the timed runs
+            same += 1
+            calibrated.add(_generate_seconds(provenance), run.cache.timing_seconds(generation.key))
     by_tier: dict[str, int] = {}
-    for _, tier in answers.values():
+    for _, provenance in served.values():
+        tier = provenance.get("tier", "")
         by_tier[tier] = by_tier.get(tier, 0) + 1
     n = len(items)
     predicted = tier_makespan(work_by_tier(scorer.service(modelled)), scorer.costs.shared_cpu_slowdown)
@@ -226,7 +229,6 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
                            calibrated_requests=calibrated.requests, calibrated_pipeline_s=calibrated.pipeline_s,
                            calibrated_fastest_s=calibrated.fastest_s, calibrated_mean_s=calibrated.mean_s,
                            workload=run.workload.name)
-
 
 
 async def _serve_paced(settings: Settings, requests: Sequence[RequestRecord], offsets: Sequence[float],
