@@ -309,7 +309,7 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         results["validation_at"] = earlier.get("validation_at", "an earlier run")
         if earlier.get("pipeline_latency"):
             results["pipeline_latency"] = earlier["pipeline_latency"]
-    figures = _plots(config, pareto, sizes, runs)
+    figures = _plots(config, pareto, sizes, runs, results.get("pipeline_latency", []))
     results["figures"] = [str(f) for f in figures]
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -394,8 +394,9 @@ def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, 
 
 
 def _plots(config: EvalConfig, pareto: dict[str, dict[str, list[SystemPoint]]],
-           sizes: dict[str, list[tuple[int, SystemPoint]]], runs: list[WorkloadRun]) -> list[Path]:
-    from echolm.evaluation.plots import cache_size_plot, pareto_plot
+           sizes: dict[str, list[tuple[int, SystemPoint]]], runs: list[WorkloadRun],
+           latency: list[dict[str, Any]]) -> list[Path]:
+    from echolm.evaluation.plots import cache_size_plot, latency_plot, pareto_plot
 
     directory = config.figures_dir or config.out_dir
     figures = []
@@ -405,6 +406,9 @@ def _plots(config: EvalConfig, pareto: dict[str, dict[str, list[SystemPoint]]],
     n_cache = {run.workload.name: len(run.workload.cache) for run in runs}
     figures.append(cache_size_plot({k: v for k, v in sizes.items() if v}, n_cache, directory / "cache_size.png",
                                    title="small model + nearest examples: win rate vs cache size"))
+    if latency:
+        figures.append(latency_plot(latency, directory / "latency.png",
+                                    title="latency through the real pipeline at fixed loads"))
     return figures
 
 

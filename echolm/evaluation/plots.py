@@ -3,12 +3,14 @@
 * ``pareto_plot``: every system's win rate against the large model vs its throughput normalised to
   always-large (the paper's Fig. 17): routers and caches as their knob sweeps, fixed systems as points.
 * ``cache_size_plot``: the small model's win rate with stage 1 examples vs the cache size.
+* ``latency_plot``: p50 and p99 latency through the real pipeline vs offered load, per workload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -120,6 +122,38 @@ def cache_size_plot(series: dict[str, Sequence[tuple[int, SystemPoint]]], n_cach
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def latency_plot(points: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> Path:
+    """Latency through the real pipeline vs offered load (a multiple of always-large's capacity), one panel
+    per workload: measured p50 solid and p99 dashed, the cost model's p50 for the same arrivals dotted.
+    ``points`` are the report's ``pipeline_latency`` rows (``LatencyPoint`` as dicts)."""
+    workloads = list(dict.fromkeys(p.get("workload") or "-" for p in points))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.0 * len(workloads), 4.6), dpi=120, squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        mine = [p for p in points if (p.get("workload") or "-") == workload]
+        for system in dict.fromkeys(p["system"] for p in mine):
+            series = sorted((p for p in mine if p["system"] == system), key=lambda p: p["load"])
+            style = STYLE.get(system, {})
+            color, marker = style.get("color"), style.get("marker", "o")
+            loads = [p["load"] for p in series]
+            ax.plot(loads, [p["p50_s"] for p in series], color=color, marker=marker, label=f"{system}: p50")
+            ax.plot(loads, [p["p99_s"] for p in series], color=color, marker=marker, linestyle="--",
+                    label=f"{system}: p99")
+            ax.plot(loads, [p.get("predicted_p50_s", float("nan")) for p in series], color=color, marker=marker,
+                    linestyle=":", alpha=0.5, markerfacecolor="none", label=f"{system}: modelled p50")
+        ax.set_xlabel("offered load (x always-large's measured capacity)")
+        ax.set_ylabel("latency per request (s)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(workload, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -98,6 +98,8 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     assert "Latency through the real pipeline at fixed loads" in docs.read_text()
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 10_000
+    # Latency vs load gets its own figure next to the Pareto curves.
+    assert tmp_path / "figures" / "latency.png" in map(Path, results["figures"])
     text = docs.read_text()
     assert "prose before" in text and "prose after" in text and "\nold\n" not in text
     assert json.loads((tmp_path / "out" / "results.json").read_text())["generations_cached"] > 0
