@@ -31,8 +31,8 @@ BASELINE = "always-large"
 
 def answers(run_dir: Path) -> dict[int, str]:
     """Position in the traffic -> the pipeline's answer text ('' for an error)."""
-    return {int(custom_id.split(":", 1)[0]): text
-            for custom_id, (text, _) in read_answers(run_dir / "requests.out.jsonl").items()}
+    return {int(custom_id.split(":", 1)[0]): answer.text
+            for custom_id, answer in read_answers(run_dir / "requests.out.jsonl").items()}
 
 
 def main() -> None:

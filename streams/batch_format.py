@@ -126,6 +126,8 @@ def response_output(response: ResponseRecord) -> dict[str, Any]:
         "usage": {
             "prompt_tokens": response.prompt_tokens or 0, "completion_tokens": response.completion_tokens or 0,
             "total_tokens": (response.prompt_tokens or 0) + (response.completion_tokens or 0),
+            # OpenAI's field for prompt tokens served from the prefix cache instead of prefilled.
+            "prompt_tokens_details": {"cached_tokens": response.cached_prompt_tokens or 0},
         },
         # Provenance: which tier answered, helped by which cached examples, and why.
         "echolm": {

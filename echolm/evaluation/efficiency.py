@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -257,6 +257,9 @@ class ValidationPoint:
     calibrated_fastest_s: float = 0.0
     calibrated_mean_s: float = 0.0
     workload: str = ""
+    # Per tier, the generated answers' tokens and model seconds in the pipeline next to the cost model's
+    # (``echolm.evaluation.validation.TierWork``, as a dict): where a gap between the two comes from.
+    work: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def error(self) -> float:

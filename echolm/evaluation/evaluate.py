@@ -516,6 +516,31 @@ def replay_paragraph(run: WorkloadRun, outcome: ReplayOutcome) -> str:
             f"{outcome.seconds:.0f} s of the large tier, in idle time: not counted in any system's throughput.")
 
 
+def _work_lines(validation: list[dict[str, Any]]) -> list[str]:
+    """The validation runs' generated answers per tier: where the cost model's error comes from
+    (``echolm.evaluation.validation.TierWork``); nothing for runs that did not record it."""
+    rows = [(v, tier, w) for v in validation for tier, w in (v.get("work") or {}).items()]
+    if not rows:
+        return []
+    lines = ["**Where the error comes from** (generated answers only, per tier). *Expected* is the work the cost "
+             "model predicted for these requests (the evaluation's own answers, prefill after its replay of the "
+             "prefix caches); *pipeline* is what the worker did (its answers can differ in length, and its prefix "
+             "cache reuses what it reuses). Model seconds: the prediction / the cost model on the pipeline's "
+             "tokens / measured. The first two differ by the work, the last two by the engine's speed in the "
+             "worker. The worker's token rates come from llama.cpp's own split of each answer (until the first "
+             "token, after it); in runs that mix tiers they include the tiers slowing each other.", "",
+             "| workload | system | tier | answers | prefilled tokens, pipeline / expected | decoded tokens, "
+             "pipeline / expected | model s: predicted / cost model on the pipeline's tokens / measured | "
+             "worker's prefill / decode tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for v, tier, w in rows:
+        rates = (f"{w['split_prefilled'] / w['prefill_s']:.0f} / {w['split_decoded'] / w['decode_s']:.1f}"
+                 if w["split_requests"] and w["prefill_s"] > 0 and w["decode_s"] > 0 else "-")
+        lines.append(f"| {v.get('workload') or '-'} | {v['system']} | {tier} | {w['requests']} | "
+                     f"{w['prefilled']:,} / {w['predicted_prefilled']:,} | {w['decoded']:,} / {w['predicted_decoded']:,} | "
+                     f"{w['predicted_s']:.1f} / {w['modelled_s']:.1f} / {w['generate_s']:.1f} | {rates} |")
+    return lines + [""]
+
+
 def _calibrated_cell(v: dict[str, Any]) -> str:
     if not v.get("calibrated_requests"):
         return "-"
@@ -580,6 +605,7 @@ def render_results(results: dict[str, Any], sections: list[str], costs: CostMode
                          f"{model_s} | {v['measured_rps']:.4f} | {v['predicted_rps']:.4f} | {100 * error:+.0f}% | {ratio} | "
                          f"{v['same_answers']}/{v['requests']} | {v['by_tier']} | {_calibrated_cell(v)} |")
         lines.append("")
+        lines += _work_lines(results["validation"])
     if results.get("pipeline_latency"):
         lines += ["#### Latency through the real pipeline at fixed loads", "",
                   "The same requests as above, in the same order, sent as a Poisson stream at a multiple of "

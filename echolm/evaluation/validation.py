@@ -22,15 +22,16 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from echolm.datasets import TaskItem
-from echolm.domain import ChatMessage, Example
+from echolm.domain import DECODE_TIMING, PREFILL_TIMING, ChatMessage, Example
 from echolm.evaluation.efficiency import (
+    CostModel,
     LatencyPoint,
     ValidationPoint,
     queue_latencies,
@@ -149,20 +150,84 @@ def _data_dir(work_dir: Path, system: str, suffix: str = "") -> Path:
     return work_dir / (system.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "") + suffix)
 
 
-def read_answers(batch_output: Path) -> dict[str, tuple[str, dict[str, Any]]]:
-    """custom_id -> (the answer's text, '' for an error; its EchoLM provenance) from a batch output file."""
+@dataclass(frozen=True)
+class ServedAnswer:
+    """One line of a batch output as the validation reads it: the answer, where and how it was made."""
+
+    text: str  # '' for an error
+    tier: str
+    timings: dict[str, float]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, from the tier's prefix cache
+    completion_tokens: int = 0
+
+    @property
+    def generate_s(self) -> float:
+        """The model's own seconds (the generate stage's timing; 0 for an answer without one)."""
+        return float(self.timings.get("generate", 0.0))
+
+
+def read_answers(batch_output: Path) -> dict[str, ServedAnswer]:
+    """custom_id -> the served answer, from a batch output file."""
     out = {}
     for line in batch_output.read_text().splitlines():
         record = json.loads(line)
         body = (record.get("response") or {}).get("body") or {}
-        text = body["choices"][0]["message"]["content"] if body.get("choices") else ""
-        out[record["custom_id"]] = (text, body.get("echolm") or {})
+        provenance = body.get("echolm") or {}
+        usage = body.get("usage") or {}
+        out[record["custom_id"]] = ServedAnswer(
+            text=body["choices"][0]["message"]["content"] if body.get("choices") else "",
+            tier=provenance.get("tier") or "", timings=provenance.get("timings") or {},
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0))
     return out
 
 
-def _generate_seconds(provenance: dict[str, Any]) -> float:
-    """The model's own seconds for one answer (the generate stage's timing; 0 for an answer without one)."""
-    return float((provenance.get("timings") or {}).get("generate", 0.0))
+@dataclass
+class TierWork:
+    """One tier's generated answers in a validation run, the pipeline's next to the cost model's.
+
+    Three sums of model seconds split the model's error in two: ``predicted_s`` (the cost model on the
+    tokens it expected: the evaluation's answers, its prefix-cache replay) vs ``modelled_s`` (the cost
+    model on the tokens the pipeline actually prefilled and decoded) is a difference in the *work*;
+    ``modelled_s`` vs ``generate_s`` (the pipeline's measured model time) is the *engine* running
+    slower or faster in the worker than in calibration. The prefill/decode split gives the worker's
+    own token rates.
+    """
+
+    requests: int = 0
+    prefilled: int = 0  # prompt tokens the pipeline evaluated (not taken from its prefix cache)
+    decoded: int = 0
+    predicted_prefilled: int = 0
+    predicted_decoded: int = 0
+    predicted_s: float = 0.0
+    modelled_s: float = 0.0
+    generate_s: float = 0.0
+    split_requests: int = 0  # answers with the backend's prefill/decode split
+    split_prefilled: int = 0
+    split_decoded: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def add(self, answer: ServedAnswer, costs: CostModel, predicted: tuple[int, int, float]) -> None:
+        prefilled = max(1, answer.prompt_tokens - answer.cached_tokens)
+        self.requests += 1
+        self.prefilled += prefilled
+        self.decoded += answer.completion_tokens
+        self.predicted_prefilled += predicted[0]
+        self.predicted_decoded += predicted[1]
+        self.predicted_s += predicted[2]
+        if answer.tier in costs.tiers:
+            self.modelled_s += costs.seconds(answer.tier, prefilled, answer.completion_tokens)
+        self.generate_s += answer.generate_s
+        prefill_s, decode_s = answer.timings.get(PREFILL_TIMING), answer.timings.get(DECODE_TIMING)
+        if prefill_s is not None and decode_s is not None:
+            self.split_requests += 1
+            self.split_prefilled += prefilled
+            self.split_decoded += answer.completion_tokens
+            self.prefill_s += prefill_s
+            self.decode_s += decode_s
 
 
 @dataclass
@@ -200,27 +265,30 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
         summary = asyncio.run(asyncio.wait_for(
             run_batch(live, main_in, data_dir / "requests.out.jsonl", progress=True), timeout_s))
     served = read_answers(data_dir / "requests.out.jsonl")
-    generate_s = sum(_generate_seconds(provenance) for _, provenance in served.values())
+    generate_s = sum(answer.generate_s for answer in served.values())
     same = 0
     predicted_generate = 0.0
     calibrated = CalibratedPairs()
+    work: dict[str, TierWork] = {}
     modelled = scorer.served(choices, items)
-    for n, (item, result, cost, _) in enumerate(modelled):
+    for n, (item, result, cost, reused) in enumerate(modelled):
         choice = choices[item.id]
-        text, provenance = served.get(_custom_id(n, item), ("", {}))
+        answer = served.get(_custom_id(n, item), ServedAnswer("", "", {}))
         if choice.cached_index is not None:
             entries = run.replayed_examples() if choice.replayed_cache else run.examples()
-            same += text.strip() == entries[choice.cached_index].response.strip()
+            same += answer.text.strip() == entries[choice.cached_index].response.strip()
             continue
         predicted_generate += cost
+        if answer.text:
+            work.setdefault(answer.tier, TierWork()).add(
+                answer, scorer.costs, (max(1, result.prompt_tokens - reused), result.completion_tokens, cost))
         generation = run.generation(item, run.arm_for(item, result.arm))
-        if text.strip() == generation.text.strip():  # the same work as the timed runs
+        if answer.text.strip() == generation.text.strip():  # the same work as the timed runs
             same += 1
-            calibrated.add(_generate_seconds(provenance), run.cache.timing_seconds(generation.key))
+            calibrated.add(answer.generate_s, run.cache.timing_seconds(generation.key))
     by_tier: dict[str, int] = {}
-    for _, provenance in served.values():
-        tier = provenance.get("tier", "")
-        by_tier[tier] = by_tier.get(tier, 0) + 1
+    for answer in served.values():
+        by_tier[answer.tier] = by_tier.get(answer.tier, 0) + 1
     n = len(items)
     predicted = tier_makespan(work_by_tier(scorer.service(modelled)), scorer.costs.shared_cpu_slowdown)
     return ValidationPoint(system=spec.system, requests=n, measured_s=summary.wall_s, predicted_s=predicted,
@@ -228,7 +296,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
                            by_tier=by_tier, generate_s=generate_s, predicted_generate_s=predicted_generate,
                            calibrated_requests=calibrated.requests, calibrated_pipeline_s=calibrated.pipeline_s,
                            calibrated_fastest_s=calibrated.fastest_s, calibrated_mean_s=calibrated.mean_s,
-                           workload=run.workload.name)
+                           workload=run.workload.name, work={tier: asdict(w) for tier, w in sorted(work.items())})
 
 
 async def _serve_paced(settings: Settings, requests: Sequence[RequestRecord], offsets: Sequence[float],

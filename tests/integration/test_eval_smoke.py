@@ -85,6 +85,12 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         assert all(v["measured_s"] > 0 for v in validation)
         # The models' own time is read from the responses: the echo large tier sleeps 0.03 s per request.
         assert validation[0]["generate_s"] >= 2 * 0.03
+        # Where a gap would come from: always-large's two answers, their tokens as the pipeline counted them
+        # (the same answers, so the same decode) and the cost model on them.
+        large_work = validation[0]["work"]["large"]
+        assert large_work["requests"] == 2 and large_work["decoded"] == large_work["predicted_decoded"] > 0
+        assert large_work["generate_s"] == pytest.approx(validation[0]["generate_s"])
+        assert large_work["modelled_s"] > 0
         assert (tmp_path / "out" / "validation" / name / "always-large" / "requests.out.jsonl").exists()
         # Latency at a fixed load through the pipeline: always-large and EchoLM with replay + reuse, every
         # request answered, at a rate set by the same workload's always-large capacity.
@@ -96,6 +102,7 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         assert latency[0]["rate_rps"] == pytest.approx(0.5 * validation[0]["measured_rps"])
     assert "EchoLM with replay + verbatim reuse of repeats" in systems
     assert "Latency through the real pipeline at fixed loads" in docs.read_text()
+    assert "**Where the error comes from**" in docs.read_text()
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 10_000
     # Latency vs load gets its own figure next to the Pareto curves.

@@ -82,7 +82,7 @@ def test_outputs_roundtrip_through_done_ids():
     assert isinstance(rejected, RejectedLine)
     ok = ResponseRecord(
         request_id="req-1", tenant="t", custom_id="c1", messages=[Message(role="user", content="q")],
-        text="answer", tier="small", model="m", prompt_tokens=3, completion_tokens=2,
+        text="answer", tier="small", model="m", prompt_tokens=3, cached_prompt_tokens=2, completion_tokens=2,
         route=RouteInfo(tier="small", score=0.9, reason="close examples", use_examples=True),
         submitted_at=100.0, finished_at=101.5,
     )
@@ -97,7 +97,8 @@ def test_outputs_roundtrip_through_done_ids():
 
     body = response_output(ok)["response"]["body"]
     assert body["choices"][0]["message"]["content"] == "answer"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 2}}
     assert body["echolm"]["tier"] == "small"
     assert body["echolm"]["latency_s"] == 1.5
     error = response_output(failed)

@@ -146,3 +146,60 @@ def test_calibrated_pairs_sum_only_requests_that_calibration_also_timed() -> Non
     pairs.add(0.0, [3.0])  # no generate timing in the response
     pairs.add(6.0, [4.0, 5.0, 6.0])
     assert (pairs.requests, pairs.pipeline_s, pairs.fastest_s, pairs.mean_s) == (2, 18.0, 14.0, 15.5)
+
+
+def _batch_output_line(custom_id: str, tier: str, prompt: int, cached: int, completion: int,
+                       timings: dict[str, float]) -> str:
+    import json
+
+    body = {"choices": [{"message": {"content": f"answer {custom_id}"}}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "prompt_tokens_details": {"cached_tokens": cached}},
+            "echolm": {"tier": tier, "timings": timings}}
+    return json.dumps({"custom_id": custom_id, "response": {"body": body}, "error": None})
+
+
+def test_tier_work_splits_a_gap_into_work_and_engine_speed(tmp_path) -> None:
+    import json
+
+    from echolm.evaluation.efficiency import CostModel, TierCostModel
+    from echolm.evaluation.validation import TierWork, read_answers
+
+    output = tmp_path / "requests.out.jsonl"
+    output.write_text("\n".join([
+        _batch_output_line("0000:a", "small", 300, 200, 50,
+                           {"generate": 3.0, "generate.prefill": 0.5, "generate.decode": 2.5}),
+        _batch_output_line("0001:b", "small", 120, 0, 30, {"generate": 2.0}),  # a backend without the split
+        json.dumps({"custom_id": "0002:c", "response": None, "error": {"code": "generation_timeout"}}),
+    ]) + "\n")
+    answers = read_answers(output)
+    assert answers["0000:a"].cached_tokens == 200 and answers["0000:a"].generate_s == 3.0
+    assert answers["0002:c"].text == "" and answers["0002:c"].generate_s == 0.0
+
+    # 0.01 s per prefilled token, 0.05 s per decoded one.
+    costs = CostModel({"small": TierCostModel("small", 0.0, 0.01, 0.05, 10, 0, 0.0)})
+    work = TierWork()
+    work.add(answers["0000:a"], costs, (100, 40, 3.0))  # expected: 100 prefilled, 40 decoded
+    work.add(answers["0001:b"], costs, (120, 30, 2.7))
+    assert (work.requests, work.prefilled, work.decoded) == (2, 220, 80)
+    assert (work.predicted_prefilled, work.predicted_decoded) == (220, 70)
+    assert work.predicted_s == pytest.approx(5.7)
+    # The cost model on what the pipeline did: (100 x 0.01 + 50 x 0.05) + (120 x 0.01 + 30 x 0.05).
+    assert work.modelled_s == pytest.approx(3.5 + 2.7)
+    assert work.generate_s == pytest.approx(5.0)
+    # Only the answer with a split gives the worker's rates: 100 tokens in 0.5 s, 50 in 2.5 s.
+    assert (work.split_requests, work.split_prefilled, work.split_decoded) == (1, 100, 50)
+    assert (work.prefill_s, work.decode_s) == (0.5, 2.5)
+
+
+def test_report_shows_where_the_error_comes_from() -> None:
+    from echolm.evaluation.evaluate import _work_lines
+
+    work = {"requests": 2, "prefilled": 220, "decoded": 80, "predicted_prefilled": 220, "predicted_decoded": 70,
+            "predicted_s": 5.7, "modelled_s": 6.2, "generate_s": 5.0, "split_requests": 1, "split_prefilled": 100,
+            "split_decoded": 50, "prefill_s": 0.5, "decode_s": 2.5}
+    lines = _work_lines([{"workload": "w", "system": "always-large", "work": {"large": work}},
+                         {"workload": "w", "system": "before session 14"}])
+    rows = [line for line in lines if line.startswith("| w |")]
+    assert rows == ["| w | always-large | large | 2 | 220 / 220 | 80 / 70 | 5.7 / 6.2 / 5.0 | 200 / 20.0 |"]
+    assert _work_lines([{"workload": "w", "system": "s"}]) == []
