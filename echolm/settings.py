@@ -233,6 +233,12 @@ class Settings(BaseSettings):
     embedder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="auto: bfloat16 where the CPU has native bf16 (~1.5x faster, cosine >= 0.998)"
     )
+    llamacpp_shared_thread: bool | None = Field(
+        default=None,
+        description="run every llama.cpp tier of a process on one compute thread, one generation at a time. "
+                    "None: when the tiers' threads together exceed the CPU cores, where llama.cpp's OpenMP "
+                    "runtime would otherwise cut its spin-waits and every tier decode about a quarter slower, even alone",
+    )
     embedder_threads: int | None = Field(default=None, ge=1, description="torch threads for embedding (1 on machines shared with LLMs)")
     embedder_warm_up_shapes: bool = Field(
         default=True, description="workers run the embedder once per padded input shape at start (~7 s on one "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from echolm.protocols import Generator
 from echolm.settings import Settings, TierSettings
 
@@ -19,9 +21,10 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
     """
     if tier.backend == "llamacpp":
         from echolm.assets import resolve_model
-        from echolm.generation.llamacpp import LlamaCppGenerator
+        from echolm.generation.llamacpp import LlamaCppGenerator, shared_compute_thread
 
-        return LlamaCppGenerator(tier, resolve_model(tier.model, settings.model_cache_dir))
+        executor = shared_compute_thread() if llamacpp_tiers_share_a_thread(settings) else None
+        return LlamaCppGenerator(tier, resolve_model(tier.model, settings.model_cache_dir), executor=executor)
     if tier.backend == "echo":
         from echolm.generation.echo import EchoGenerator
 
@@ -36,3 +39,13 @@ def make_generator(tier: TierSettings, settings: Settings) -> Generator:
 
         return VllmEngineGenerator(tier, cache_dir=settings.model_cache_dir)
     raise ValueError(f"tier {tier.name}: unknown generation backend {tier.backend!r}")
+
+
+def llamacpp_tiers_share_a_thread(settings: Settings, cpu_count: int | None = None) -> bool:
+    """Whether this process's llama.cpp tiers generate on one shared thread (``llamacpp_shared_thread``;
+    by default when their threads together exceed the cores: see ``echolm.generation.llamacpp``)."""
+    if settings.llamacpp_shared_thread is not None:
+        return settings.llamacpp_shared_thread
+    cores = cpu_count or os.cpu_count() or 1
+    threads = [tier.n_threads or cores for tier in settings.tiers if tier.backend == "llamacpp"]
+    return len(threads) > 1 and sum(threads) > cores

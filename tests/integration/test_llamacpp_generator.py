@@ -169,3 +169,34 @@ async def test_prompts_sharing_a_prefix_reuse_the_kept_kv_state(model_path: Path
     # Spain reuses the shared system prompt from the live context; France again all but its last token.
     assert stats.reused_tokens == shared + len(france_ids) - 1
     assert (first.cached_prompt_tokens, again.cached_prompt_tokens) == (0, len(france_ids) - 1)
+
+
+async def test_tiers_on_a_shared_thread_answer_together_and_close_apart(model_path: Path) -> None:
+    import threading
+
+    from echolm.generation.llamacpp import shared_compute_thread
+
+    shared = shared_compute_thread()
+    first = LlamaCppGenerator(_tier(name="first"), model_path, executor=shared)
+    second = LlamaCppGenerator(_tier(name="second"), model_path, executor=shared)
+    threads: set[str] = set()
+
+    def record_thread() -> None:
+        threads.add(threading.current_thread().name)
+
+    try:
+        results = await asyncio.gather(
+            first.generate(QUESTION, GenerationParams(max_tokens=16), request_id="a"),
+            second.generate(QUESTION, GenerationParams(max_tokens=16), request_id="b"))
+        assert all("paris" in r.text.lower() for r in results)
+        # Both models ran on the one shared thread.
+        await asyncio.get_running_loop().run_in_executor(shared, record_thread)
+        assert threads == {next(t.name for t in threading.enumerate() if t.name.startswith("llama-shared"))}
+    finally:
+        await first.aclose()
+    # Closing one tier leaves the shared thread to the other.
+    result = await second.generate(QUESTION, GenerationParams(max_tokens=16), request_id="c")
+    assert "paris" in result.text.lower()
+    await second.aclose()
+    assert shared_compute_thread() is shared
+
