@@ -114,10 +114,24 @@ def set_consumer_fetch_wait(fetch_max_wait_ms: int) -> None:
     thread._create_worker_consumer = create_worker_consumer
 
 
+def one_torch_thread_beside_llamacpp(settings: Settings, plan: WorkerPlan) -> Settings:
+    """``settings`` with the embedder on one torch thread where this worker also generates on llama.cpp
+    and ``embedder_threads`` is unset. torch's OpenMP runtime is the one llama.cpp loads too (one
+    ``libgomp.so.1`` per process), and a torch team of several threads beside llama.cpp's makes libgomp
+    stop spin-waiting: the 1.5B model then decodes 86 instead of 68 ms per token on 2 cores, while a
+    one-thread embedding costs a few milliseconds per request (docs/design.md)."""
+    if settings.embedder_threads is not None or "generate" not in plan.stages:
+        return settings
+    if not any(t.backend == "llamacpp" and t.name in plan.tiers for t in settings.tiers):
+        return settings
+    return settings.model_copy(update={"embedder_threads": 1})
+
+
 def create_app(settings: Settings, plan: WorkerPlan, services: Services | None = None) -> faust.App:
     if not settings.kafka_bootstrap:
         raise ValueError("a worker needs ECHOLM_KAFKA_BOOTSTRAP (the embedded broker is started by `echolm batch`)")
     set_consumer_fetch_wait(settings.fetch_max_wait_ms)
+    settings = one_torch_thread_beside_llamacpp(settings, plan)
     services = services or Services(settings)
     longest_call = max(t.timeout_s for t in settings.tiers)
     app = faust.App(
