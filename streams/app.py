@@ -131,8 +131,7 @@ def create_app(settings: Settings, plan: WorkerPlan, services: Services | None =
     if not settings.kafka_bootstrap:
         raise ValueError("a worker needs ECHOLM_KAFKA_BOOTSTRAP (the embedded broker is started by `echolm batch`)")
     set_consumer_fetch_wait(settings.fetch_max_wait_ms)
-    settings = one_torch_thread_beside_llamacpp(settings, plan)
-    services = services or Services(settings)
+    services = services or Services(one_torch_thread_beside_llamacpp(settings, plan))
     longest_call = max(t.timeout_s for t in settings.tiers)
     app = faust.App(
         f"{settings.consumer_group}-{plan.name}",

@@ -22,7 +22,7 @@ def run_worker(settings: Settings, stage: str, tiers: tuple[str, ...]) -> None:
     the worker's services (models, database pools) are closed after the agents have stopped."""
     import faust
 
-    from streams.app import WorkerPlan, create_app
+    from streams.app import WorkerPlan, create_app, one_torch_thread_beside_llamacpp
     from streams.services import Services
 
     class Worker(faust.Worker):
@@ -33,7 +33,7 @@ def run_worker(settings: Settings, stage: str, tiers: tuple[str, ...]) -> None:
             await super().on_shutdown()
 
     plan = WorkerPlan.for_stage(stage, settings, tiers)
-    services = Services(settings)
+    services = Services(one_torch_thread_beside_llamacpp(settings, plan))
     app = create_app(settings, plan, services)
     if settings.metrics_port:
         from prometheus_client import start_http_server
