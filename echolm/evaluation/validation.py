@@ -4,7 +4,8 @@ For a few traffic requests, the real pipeline (embedded Tansu broker, one ``echo
 process, SQLite history seeded with the cache part's large-model answers) serves them all at once, as
 ``echolm batch`` would. The routing is set up to make the same decisions as the simulated system
 (``always-large``, or the similarity router at the chosen threshold with the same ``k``), the cache is
-frozen (no admissions and no replay during the run), and a warm-up batch first loads both models. The batch's wall time
+frozen (no admissions and no replay during the run), the judge stage samples no live answer (background work
+the model does not predict), and a warm-up batch first loads both models. The batch's wall time
 is then compared with the cost model's prediction for the same requests and arms, and the pipeline's
 answers with the cached generations (same prompts, temperature 0).
 
@@ -89,8 +90,12 @@ def pipeline_settings(base: Settings, run: WorkloadRun, data_dir: Path, *, polic
     update: dict[str, object] = {
         "data_dir": data_dir, "database_url": None, "kafka_bootstrap": None, "admit_from_tiers": [],
         "retrieve_top_k": run.k, "min_similarity": -1.0, "default_tenant": EVAL_TENANT, "log_level": "WARNING",
-        # Stage 2 keeps every stage 1 candidate: the arm validated is "small + nearest examples".
-        "learning": base.learning.model_copy(update={"selection_threshold": -1.0, "max_examples": run.k}),
+        # Stage 2 keeps every stage 1 candidate: the arm validated is "small + nearest examples". The judge
+        # stage judges no live answer: its reference answer and two judge calls per sampled answer (5% by
+        # default) run on the large tier, work the cost model does not predict (session 14: one judged
+        # answer, ~30 s of the large model, in a 40-request run).
+        "learning": base.learning.model_copy(update={"selection_threshold": -1.0, "max_examples": run.k,
+                                                     "judge_sample_rate": 0.0}),
         # Frozen cache: no replay either (it would also share the CPU with the traffic being timed).
         "replay": base.replay.model_copy(update={"enabled": False}),
     }
@@ -163,7 +168,12 @@ class ServedAnswer:
 
     @property
     def generate_s(self) -> float:
-        """The model's own seconds (the generate stage's timing; 0 for an answer without one)."""
+        """The model's own seconds: llama.cpp's prefill + decode where the backend splits them, else the
+        generate stage's timing, which also holds any wait for a compute thread that tiers share (0 for
+        an answer without one)."""
+        prefill_s, decode_s = self.timings.get(PREFILL_TIMING), self.timings.get(DECODE_TIMING)
+        if prefill_s is not None and decode_s is not None:
+            return float(prefill_s + decode_s)
         return float(self.timings.get("generate", 0.0))
 
 

@@ -173,7 +173,11 @@ def test_tier_work_splits_a_gap_into_work_and_engine_speed(tmp_path) -> None:
         json.dumps({"custom_id": "0002:c", "response": None, "error": {"code": "generation_timeout"}}),
     ]) + "\n")
     answers = read_answers(output)
-    assert answers["0000:a"].cached_tokens == 200 and answers["0000:a"].generate_s == 3.0
+    assert answers["0000:a"].cached_tokens == 200
+    # The split's sum, not the stage's timing: that also holds the wait for a shared compute thread.
+    answers["0000:a"].timings["generate"] = 9.0
+    assert answers["0000:a"].generate_s == 3.0
+    assert answers["0001:b"].generate_s == 2.0
     assert answers["0002:c"].text == "" and answers["0002:c"].generate_s == 0.0
 
     # 0.01 s per prefilled token, 0.05 s per decoded one.
@@ -203,3 +207,16 @@ def test_report_shows_where_the_error_comes_from() -> None:
     rows = [line for line in lines if line.startswith("| w |")]
     assert rows == ["| w | always-large | large | 2 | 220 / 220 | 80 / 70 | 5.7 / 6.2 / 5.0 | 200 / 20.0 |"]
     assert _work_lines([{"workload": "w", "system": "s"}]) == []
+
+
+def test_validation_pipeline_runs_without_background_work(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from echolm.evaluation.validation import pipeline_settings
+    from echolm.settings import Settings
+
+    settings = pipeline_settings(Settings(), SimpleNamespace(k=1), tmp_path, policy="always-large", threshold=None)
+    # Nothing the cost model does not predict runs beside the traffic: no replay, no admissions, no live judging.
+    assert not settings.replay.enabled and settings.admit_from_tiers == []
+    assert settings.learning.judge_sample_rate == 0.0
+    assert settings.router_policy == "always-large" and settings.retrieve_top_k == 1
