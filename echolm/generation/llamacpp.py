@@ -8,8 +8,10 @@ all but stops spin-waiting between operations, so with two tiers on their own th
 generating alone decodes about 25% slower (measured on 2 cores: Qwen2.5-Coder 1.5B 69 -> 87 ms per
 token, 0.5B 42 -> 54 ms, with the other model merely loaded). On one thread the tiers generate one at a
 time at full speed, which on such a machine serves as much as letting them overlap slowly. The wait
-for the shared thread counts toward a request's ``timeout_s``, like the wait for the tier's lock. Timeouts are real: a deadline is checked inside llama.cpp itself (its abort
-callback runs between graph nodes, so even a long prompt evaluation stops), and an outer
+for the shared thread counts toward a request's ``timeout_s``, like the wait for the tier's lock.
+
+Timeouts are real: a deadline is checked inside llama.cpp itself (its abort callback runs between
+graph nodes, so even a long prompt evaluation stops), and an outer
 ``asyncio.wait_for`` backs it up. When the outer timeout fires first the worker thread may still be
 running; the lock is released only once it has finished, so the next call never shares the model.
 
