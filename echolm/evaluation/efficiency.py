@@ -245,8 +245,9 @@ class ValidationPoint:
     predicted_rps: float
     same_answers: int
     by_tier: dict[str, int]
-    # Sums over the requests of the model's own time (the generate stage's timing) and of the cost model's
-    # generation seconds: what separates a slower engine from the pipeline's own overhead.
+    # Sums over the requests of the model's own time (llama.cpp's prefill + decode where the backend splits
+    # them, else the generate stage's timing) and of the cost model's generation seconds: what separates a
+    # slower engine from the pipeline's own overhead.
     generate_s: float = 0.0
     predicted_generate_s: float = 0.0
     # The requests whose exact generation phase calibrate also timed: their generate-stage seconds in the
