@@ -167,14 +167,18 @@ class ServedAnswer:
     completion_tokens: int = 0
 
     @property
+    def split(self) -> tuple[float, float] | None:
+        """The backend's (prefill, decode) seconds for this answer; None where it gives no split."""
+        prefill_s, decode_s = self.timings.get(PREFILL_TIMING), self.timings.get(DECODE_TIMING)
+        return None if prefill_s is None or decode_s is None else (float(prefill_s), float(decode_s))
+
+    @property
     def generate_s(self) -> float:
         """The model's own seconds: llama.cpp's prefill + decode where the backend splits them, else the
         generate stage's timing, which also holds any wait for a compute thread that tiers share (0 for
         an answer without one)."""
-        prefill_s, decode_s = self.timings.get(PREFILL_TIMING), self.timings.get(DECODE_TIMING)
-        if prefill_s is not None and decode_s is not None:
-            return float(prefill_s + decode_s)
-        return float(self.timings.get("generate", 0.0))
+        split = self.split
+        return sum(split) if split is not None else float(self.timings.get("generate", 0.0))
 
 
 def read_answers(batch_output: Path) -> dict[str, ServedAnswer]:
@@ -231,13 +235,13 @@ class TierWork:
         if answer.tier in costs.tiers:
             self.modelled_s += costs.seconds(answer.tier, prefilled, answer.completion_tokens)
         self.generate_s += answer.generate_s
-        prefill_s, decode_s = answer.timings.get(PREFILL_TIMING), answer.timings.get(DECODE_TIMING)
-        if prefill_s is not None and decode_s is not None:
+        split = answer.split
+        if split is not None:
             self.split_requests += 1
             self.split_prefilled += prefilled
             self.split_decoded += answer.completion_tokens
-            self.prefill_s += prefill_s
-            self.decode_s += decode_s
+            self.prefill_s += split[0]
+            self.decode_s += split[1]
 
 
 @dataclass
