@@ -10,10 +10,13 @@ token, 0.5B 42 -> 54 ms, with the other model merely loaded). On one thread the 
 time at full speed, which on such a machine serves as much as letting them overlap slowly. The wait
 for the shared thread counts toward a request's ``timeout_s``, like the wait for the tier's lock.
 
-Timeouts are real: a deadline is checked inside llama.cpp itself (its abort callback runs between
-graph nodes, so even a long prompt evaluation stops), and an outer
-``asyncio.wait_for`` backs it up. When the outer timeout fires first the worker thread may still be
-running; the lock is released only once it has finished, so the next call never shares the model.
+Timeouts are real: while the prompt is read, a deadline is checked inside llama.cpp itself (its abort
+callback runs between graph nodes, so even a long prompt evaluation stops); while tokens are decoded,
+it is checked once per token; an outer ``asyncio.wait_for`` backs both up. The abort callback is
+disarmed for decoding because llama.cpp calls it after every graph node, hundreds of times per token,
+and each call from C into Python takes the GIL while the model's other threads wait at a barrier.
+When the outer timeout fires first the worker thread may still be running; the lock is released only
+once it has finished, so the next call never shares the model.
 
 Prompts that start like an earlier one reuse its KV state (``TierSettings.prefix_cache_mb``; see
 ``echolm.generation.llamacpp_prefix``); with 0, every prompt is prefilled in full.
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 # leaves the model in a known state.
 _OUTER_GRACE_S = 1.0
 _CONTEXT_OVERFLOW = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+# A NULL ggml_abort_callback: llama.cpp skips the check altogether.
+_NO_ABORT_CALLBACK = llama_cpp.ggml_abort_callback()
 
 
 _shared_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -185,7 +190,6 @@ class LlamaCppGenerator:
             n_threads_batch=self._n_threads,
             verbose=False,
         )
-        llama_cpp.llama_set_abort_callback(llm._ctx.ctx, self._abort_callback, None)  # noqa: SLF001
         self._formatter = _chat_formatter(llm)
         log.info(
             "tier %s: loaded %s (n_ctx=%d, %d threads) in %.1f s",
@@ -201,6 +205,10 @@ class LlamaCppGenerator:
         deadline = self._deadline
         return deadline is not None and time.monotonic() > deadline
 
+    def _arm_abort_callback(self, llm: llama_cpp.Llama, armed: bool) -> None:
+        callback = self._abort_callback if armed else _NO_ABORT_CALLBACK
+        llama_cpp.llama_set_abort_callback(llm._ctx.ctx, callback, None)  # noqa: SLF001
+
     def _complete(self, messages: list[ChatMessage], params: GenerationParams,
                   deadline: float) -> tuple[dict[str, Any], int, tuple[float, float]]:
         """The completion, how many prompt tokens came from a kept KV state, and the seconds spent
@@ -209,16 +217,20 @@ class LlamaCppGenerator:
         if time.monotonic() > deadline:
             raise _DeadlineExceeded
         self._deadline = deadline
+        self._arm_abort_callback(llm, True)
         started = time.monotonic()
         first_token_at: list[float] = []
 
         def stop_at_deadline(input_ids: Any, scores: Any) -> Any:
-            # Called once per sampled token, so its first call marks the end of prompt evaluation.
-            now = time.monotonic()
+            # Called once per sampled token, so its first call marks the end of prompt evaluation: from
+            # here on this per-token check replaces the per-node abort callback (module docstring).
             if not first_token_at:
-                first_token_at.append(now)
-            if now > deadline:
+                first_token_at.append(time.monotonic())
+                self._arm_abort_callback(llm, False)
+            if time.monotonic() > deadline:
                 raise _DeadlineExceeded
+            if self._closed:
+                raise EchoLMError(ErrorCode.GENERATION_FAILED, f"generator for tier {self._tier.name} was closed")
             return scores
 
         try:

@@ -89,6 +89,37 @@ async def test_a_tiny_timeout_stops_generation_promptly(model_path: Path, messag
     assert elapsed < 0.9
 
 
+class _CountingAbortChecks(LlamaCppGenerator):
+    """Counts llama.cpp's calls of the abort callback (one per graph node while it is armed)."""
+
+    checks = 0
+
+    def _should_abort(self, _data: object) -> bool:
+        self.checks += 1
+        return super()._should_abort(_data)
+
+
+async def test_the_abort_callback_runs_while_the_prompt_is_read_but_not_per_decoded_token(model_path: Path) -> None:
+    # llama.cpp calls it after every graph node; a Python callback takes the GIL each time, so decoding
+    # checks the deadline once per token instead (the module docstring).
+    story = [ChatMessage("user", "Write a long story about dragons.")]
+    params = GenerationParams(max_tokens=24, temperature=0.0)
+    gen = _CountingAbortChecks(_tier(prefix_cache_mb=0), model_path)
+    try:
+        short = await gen.generate(story, GenerationParams(max_tokens=1, temperature=0.0), request_id="short")
+        after_short = gen.checks
+        long = await gen.generate(story, params, request_id="long")
+        after_long = gen.checks - after_short
+    finally:
+        await gen.aclose()
+
+    assert short.completion_tokens == 1 and long.completion_tokens > 10
+    assert after_short > 100  # armed for the prompt: one check per node of its graph
+    # The same prompt's checks, and none for the 10+ decoded tokens (armed, each would add as many as the
+    # prompt's one graph).
+    assert after_long < 2 * after_short
+
+
 async def test_the_model_answers_normally_after_a_timeout(model_path: Path) -> None:
     # Reading ~1,800 prompt tokens takes several seconds on 2 cores, far past the limit; the short
     # question afterwards takes a fraction of it, even on a busy machine.
