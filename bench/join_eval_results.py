@@ -24,8 +24,9 @@ def join(runs: list[Path]) -> dict[str, object]:
             raise SystemExit(f"{run}/results.json holds no real-pipeline validation")
         joined["validation"] += results["validation"]  # type: ignore[operator]
         joined["pipeline_latency"] += results.get("pipeline_latency", [])  # type: ignore[operator]
-        stamps.append(results.get("validation_at", "an earlier run"))
-    joined["validation_at"] = max(stamps)
+        if results.get("validation_at"):  # a UTC timestamp, so the latest sorts last
+            stamps.append(results["validation_at"])
+    joined["validation_at"] = max(stamps, default="an earlier run")
     return joined
 
 

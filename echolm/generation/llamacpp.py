@@ -224,10 +224,11 @@ class LlamaCppGenerator:
         def stop_at_deadline(input_ids: Any, scores: Any) -> Any:
             # Called once per sampled token, so its first call marks the end of prompt evaluation: from
             # here on this per-token check replaces the per-node abort callback (module docstring).
+            now = time.monotonic()
             if not first_token_at:
-                first_token_at.append(time.monotonic())
+                first_token_at.append(now)
                 self._arm_abort_callback(llm, False)
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise _DeadlineExceeded
             if self._closed:
                 raise EchoLMError(ErrorCode.GENERATION_FAILED, f"generator for tier {self._tier.name} was closed")
