@@ -37,8 +37,9 @@ def answers(run_dir: Path) -> dict[int, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--validation", type=Path, default=Path("out/eval/validation"),
-                        help="the validation folder of an echolm eval --out-dir")
+    parser.add_argument("--validation", type=Path, nargs="+", default=[Path("out/eval/validation")],
+                        help="the validation folder of an echolm eval --out-dir; several (runs of the same workload "
+                             "with --validate-systems) are scored together against the one always-large run")
     parser.add_argument("--workload", default="gsm8k-numbers-program", help="the validated workload")
     parser.add_argument("--n-cache", type=int, default=40)
     parser.add_argument("--n-traffic", type=int, default=40)
@@ -49,11 +50,13 @@ def main() -> None:
     workload = load_workload(args.workload, Settings(log_level="WARNING").model_cache_dir, n_cache=args.n_cache,
                              n_traffic=args.n_traffic, seed=args.seed)
     verdicts = VerdictCache(args.cache_dir)
-    # Each workload's runs are in their own subfolder (runs made before that are directly in the folder).
-    folder = args.validation / args.workload if (args.validation / args.workload).is_dir() else args.validation
-    runs = {d.name: answers(d) for d in sorted(folder.iterdir()) if (d / "requests.out.jsonl").exists()}
+    runs = {}
+    for validation in args.validation:
+        # Each workload's runs are in their own subfolder (runs made before that are directly in the folder).
+        folder = validation / args.workload if (validation / args.workload).is_dir() else validation
+        runs.update({d.name: answers(d) for d in sorted(folder.iterdir()) if (d / "requests.out.jsonl").exists()})
     if BASELINE not in runs:
-        sys.exit(f"{folder} has no {BASELINE} run: its answers are the baseline of the win rate")
+        sys.exit(f"{', '.join(map(str, args.validation))}: no {BASELINE} run; its answers are the baseline of the win rate")
     passed = {name: {n: verdicts.verify(workload.traffic[n], text, workload.verifier).passed
                      for n, text in run.items()} for name, run in runs.items()}
     report = {}

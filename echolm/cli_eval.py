@@ -39,6 +39,12 @@ def eval_command(
     validate_loads: Annotated[str, typer.Option(help="with --validate: also measure latency through the real "
                                                 "pipeline at these loads (comma-separated multiples of always-large's "
                                                 "measured capacity, e.g. 0.8), for always-large and EchoLM")] = "",
+    validate_systems: Annotated[str, typer.Option(help="with --validate: only these systems, comma-separated, of "
+                                                  "always-large, half-offload (EchoLM, stage 1, half the requests "
+                                                  "offloaded), small-replayed (small + the replayed cache's "
+                                                  "examples), replay-reuse (EchoLM with replay + reuse), cache-front "
+                                                  "(the same behind a semantic cache); default all. Runs joined by "
+                                                  "bench/join_eval_results.py can share one always-large run")] = "",
     replay_samples: Annotated[int, typer.Option(help="phase replay: answers the large tier samples per replayed "
                                                 "cache entry (the task verifier keeps the best)")] = 10,
     prefix_credit: Annotated[bool, typer.Option(help="credit the llama.cpp tiers' prefix caches (TierSettings."
@@ -67,17 +73,22 @@ def eval_command(
         base = Settings()
     except Exception as exc:  # pydantic names the bad variable
         raise typer.BadParameter(str(exc)) from exc
-    config = EvalConfig(
-        workloads=[w.strip() for w in workloads.split(",") if w.strip()], jsonl=jsonl, n_cache=n_cache,
-        n_traffic=n_traffic, k=examples, seed=seed, limit=limit, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
-        phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
-        generation_threads=threads or None, validate=validate,
-        validate_loads=[float(x) for x in validate_loads.split(",") if x.strip()], calibrate_per_arm=calibrate_per_arm,
-        prefix_credit=prefix_credit,
-        replay_samples=replay_samples, out_dir=out_dir,
-        figures_dir=figures_dir,
-        docs=None if docs is None or str(docs) in ("", ".") else docs, progress=progress,  # Path("") is "."
-    )
+    chosen = [name.strip() for name in validate_systems.split(",") if name.strip()]
+    try:
+        config = EvalConfig(
+            workloads=[w.strip() for w in workloads.split(",") if w.strip()], jsonl=jsonl, n_cache=n_cache,
+            n_traffic=n_traffic, k=examples, seed=seed, limit=limit, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
+            phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
+            generation_threads=threads or None, validate=validate,
+            validate_loads=[float(x) for x in validate_loads.split(",") if x.strip()], calibrate_per_arm=calibrate_per_arm,
+            validate_systems=frozenset(chosen) if chosen else None,
+            prefix_credit=prefix_credit,
+            replay_samples=replay_samples, out_dir=out_dir,
+            figures_dir=figures_dir,
+            docs=None if docs is None or str(docs) in ("", ".") else docs, progress=progress,  # Path("") is "."
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     results = run_evaluation(config, base)
     for name, summary in results["workloads"].items():
         typer.echo(f"\n{name}: {summary['traffic']} requests ({summary['distinct_requests']} distinct), "

@@ -80,6 +80,12 @@ MIN_CALIBRATION_SAMPLES = 12
 TOKEN_ARMS = ("large", "small", "small+nearest", "small+random", "small+selected", "small+learned", REPLAYED_ARM)
 
 
+# What ``--validate`` can serve through the real pipeline (``validated_systems``), in its order, by the
+# short names ``--validate-systems`` takes (the report's names hold commas).
+VALIDATED_SYSTEMS = {"always-large": ALWAYS_LARGE, "half-offload": ECHOLM_SIMILARITY, "small-replayed": SMALL_REPLAYED,
+                     "replay-reuse": ECHOLM_REPLAY_REUSE, "cache-front": ECHOLM_REPLAY_CACHE_FRONT}
+
+
 @dataclass
 class EvalConfig:
     """What ``echolm eval`` runs (see its ``--help`` for each field)."""
@@ -101,12 +107,23 @@ class EvalConfig:
     calibrate_repeats: int = 2
     validate: int = 0
     validate_loads: list[float] = field(default_factory=list)
+    validate_systems: frozenset[str] | None = None  # keys of VALIDATED_SYSTEMS; None: all of them
     prefix_credit: bool = True
     replay_samples: int = 10
     out_dir: Path = Path("out/eval")
     figures_dir: Path | None = Path("docs/figures")
     docs: Path | None = Path("docs/evaluation.md")
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.validate_systems is None:
+            return
+        unknown = sorted(self.validate_systems - set(VALIDATED_SYSTEMS))
+        if unknown:
+            raise ValueError(f"--validate-systems: unknown {', '.join(unknown)}; use {', '.join(VALIDATED_SYSTEMS)}")
+        if self.validate_loads and "always-large" not in self.validate_systems:
+            raise ValueError("--validate-loads are multiples of always-large's measured capacity: "
+                             "--validate-systems has to include always-large")
 
 
 def eval_settings(base: Settings, timeout_s: float, threads: int | None = None, *,
@@ -325,39 +342,49 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
 def _validate(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: WorkloadScorer,
               pareto: dict[str, dict[str, list[SystemPoint]]]) -> list[ValidationPoint]:
     """The first ``config.validate`` traffic requests in arrival order (repeats included, so the tiers'
-    prefix caches see what they would), through the real pipeline."""
+    prefix caches see what they would), through the real pipeline, for each of ``validated_systems``
+    that ``config.validate_systems`` names (all of them by default)."""
     items = run.workload.traffic[:config.validate]
     work_dir = config.out_dir / "validation" / run.workload.name
-    points = [validate_system(settings, scorer, PipelineRun(ALWAYS_LARGE, "always-large", None),
-                              {i.id: Choice(arm="large") for i in items}, items, work_dir)]
+    wanted = None if config.validate_systems is None else {VALIDATED_SYSTEMS[key] for key in config.validate_systems}
+    return [validate_system(settings, scorer, spec, choices, items, work_dir)
+            for spec, choices in validated_systems(run, pareto, items) if wanted is None or spec.system in wanted]
+
+
+def validated_systems(run: WorkloadRun, pareto: dict[str, dict[str, list[SystemPoint]]],
+                      items: Sequence[TaskItem]) -> list[tuple[PipelineRun, dict[str, Choice]]]:
+    """The systems ``--validate`` serves through the pipeline, each set up as the pipeline and with the
+    choices the cost model made for ``items``: always-large, and those of EchoLM's the run evaluated."""
+    runs = [(PipelineRun(ALWAYS_LARGE, "always-large", None), {i.id: Choice(arm="large") for i in items})]
     if run.workload.name in pareto and ECHOLM_SIMILARITY in pareto[run.workload.name]:
         # A threshold that offloads about half of these requests: the cost model has to predict a mix of
         # both tiers (the operating point may offload none of so few requests).
         sims = [run.table.best(i.id)[1] for i in items]
         median = sorted(sims)[len(sims) // 2]
         threshold = max(t for t in sweep_thresholds(sims) if t <= median)  # offloads those >= the median
-        choices = {i.id: Choice(arm="small+nearest") if run.table.best(i.id)[1] >= threshold else Choice(arm="large")
-                   for i in items}
-        points.append(validate_system(settings, scorer, PipelineRun(ECHOLM_SIMILARITY, "similarity", threshold),
-                                      choices, items, work_dir))
+        runs.append((PipelineRun(ECHOLM_SIMILARITY, "similarity", threshold),
+                     {i.id: Choice(arm="small+nearest") if run.table.best(i.id)[1] >= threshold else Choice(arm="large")
+                      for i in items}))
     if run.workload.name in pareto and SMALL_REPLAYED in pareto[run.workload.name]:
         # Every request offloaded to the replayed cache's nearest examples: the system behind the lift.
-        points.append(validate_system(settings, scorer, PipelineRun(SMALL_REPLAYED, "similarity", -1.0,
-                                                                    replayed_cache=True),
-                                      {i.id: Choice(arm=REPLAYED_ARM) for i in items}, items, work_dir))
-    reuse = _replay_reuse_run(run, pareto, items)
-    if reuse is not None:
-        # EchoLM with replay + reuse at the report's operating point: repeats answered verbatim from the
-        # replayed cache (the pipeline's reuse setting), the rest routed by similarity.
-        points.append(validate_system(settings, scorer, *reuse, items, work_dir))
-    return points
+        runs.append((PipelineRun(SMALL_REPLAYED, "similarity", -1.0, replayed_cache=True),
+                     {i.id: Choice(arm=REPLAYED_ARM) for i in items}))
+    # EchoLM with replay + reuse at the report's operating point: repeats answered verbatim from the
+    # replayed cache (the pipeline's reuse setting), the rest routed by similarity; then the same with the
+    # reuse bar swept too (a semantic cache in front), at its own operating point.
+    for system in (ECHOLM_REPLAY_REUSE, ECHOLM_REPLAY_CACHE_FRONT):
+        reuse = _replay_reuse_run(run, pareto, items, system)
+        if reuse is not None:
+            runs.append(reuse)
+    return runs
 
 
 def _replay_reuse_run(run: WorkloadRun, pareto: dict[str, dict[str, list[SystemPoint]]],
-                      items: Sequence[TaskItem]) -> tuple[PipelineRun, dict[str, Choice]] | None:
-    """The pipeline set up as EchoLM with replay + reuse at its operating point, and its choices for
-    ``items``; None when the run has no such system."""
-    points = pareto.get(run.workload.name, {}).get(ECHOLM_REPLAY_REUSE)
+                      items: Sequence[TaskItem], system: str = ECHOLM_REPLAY_REUSE,
+                      ) -> tuple[PipelineRun, dict[str, Choice]] | None:
+    """The pipeline set up as ``system`` (EchoLM with replay and verbatim reuse, at its operating point)
+    and its choices for ``items``; None when the run has no such system."""
+    points = pareto.get(run.workload.name, {}).get(system)
     if not points:
         return None
     point = operating_point(points)
@@ -366,7 +393,7 @@ def _replay_reuse_run(run: WorkloadRun, pareto: dict[str, dict[str, list[SystemP
     hits = {rid: Choice(cached_index=index, similarity=sim, replayed_cache=True) for rid, (index, sim) in best.items()}
     choices = replay_reuse_choices({rid: sim for rid, (_, sim) in best.items()}, hits, point.reuse_min_similarity,
                                    point.knob_value)
-    spec = PipelineRun(ECHOLM_REPLAY_REUSE, "similarity", point.knob_value, replayed_cache=True,
+    spec = PipelineRun(system, "similarity", point.knob_value, replayed_cache=True,
                        reuse_min_similarity=point.reuse_min_similarity)
     return spec, choices
 

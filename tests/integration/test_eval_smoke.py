@@ -71,15 +71,18 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
     # The calibrate phase timed the tiers alone and together; echo tiers wait without using the CPU.
     assert len(results["shared_cpu"]["runs"]) == 1 and 1.0 <= results["shared_cpu"]["slowdown"] < 1.5
     assert "Tiers generating at once (phase `calibrate`" in docs.read_text()
-    # always-large, EchoLM at a threshold offloading half, small + the replayed cache's examples, and the
-    # same with repeats answered verbatim from the replayed cache.
-    # Every workload is validated, each in its own folder.
-    assert [v["workload"] for v in results["validation"]] == ["mbpp"] * 4 + ["gsm8k-numbers-program"] * 4
+    # always-large, EchoLM at a threshold offloading half, small + the replayed cache's examples, the
+    # same with repeats answered verbatim from the replayed cache, and with the reuse bar swept too (a
+    # semantic cache in front). Every workload is validated, each in its own folder.
+    assert [v["workload"] for v in results["validation"]] == ["mbpp"] * 5 + ["gsm8k-numbers-program"] * 5
     for name in ("mbpp", "gsm8k-numbers-program"):
         validation = [v for v in results["validation"] if v["workload"] == name]
-        assert [v["requests"] for v in validation] == [2, 2, 2, 2]
+        assert [v["system"] for v in validation] == [
+            "always-large", "EchoLM (stage 1 + similarity router)", "small + nearest examples, replayed cache",
+            "EchoLM with replay + verbatim reuse of repeats", "EchoLM with replay behind a semantic cache"]
+        assert [v["requests"] for v in validation] == [2, 2, 2, 2, 2]
         assert validation[2]["by_tier"] == {"small": 2}
-        assert sum(validation[3]["by_tier"].values()) == 2
+        assert sum(validation[3]["by_tier"].values()) == 2 and sum(validation[4]["by_tier"].values()) == 2
         # The pipeline served what the model scored: the same answers, so the same tiers and cache hits.
         assert all(v["same_answers"] == v["requests"] for v in validation)
         assert all(v["measured_s"] > 0 for v in validation)
