@@ -104,8 +104,7 @@ async def _serve(threads: int, shared_thread: bool, queues: dict[str, Any], max_
                 return answered
             result = await generators[name].generate([ChatMessage("user", prompt)], params, request_id=f"job-{index}")
             answered.append({"index": index, "tier": name, "text": result.text, "pid": os.getpid(),
-                             "completion_tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
-                             "done_s": time.perf_counter() - started})
+                             "completion_tokens": result.completion_tokens, "done_s": time.perf_counter() - started})
 
     per_tier = await asyncio.gather(*(take_requests(name) for name in TIERS))
     results.put([answer for answers in per_tier for answer in answers])
@@ -134,7 +133,6 @@ def run_arrangement(arrangement: str, cores: int, jobs: list[tuple[int, str, str
                 raise RuntimeError(f"{arrangement}: a serving process exited with {process.exitcode}")
     return {"wall_s": max(answer["done_s"] for answer in answers),
             "decoded_tokens": sum(answer["completion_tokens"] for answer in answers),
-            "prefilled_tokens": sum(answer["prompt_tokens"] for answer in answers),
             "answers": {answer["index"]: answer["text"] for answer in answers}}
 
 
@@ -179,11 +177,11 @@ def main() -> None:
         baseline = runs[arrangements[0]]
         base_wall = statistics.median(r["wall_s"] for r in baseline)
         for arrangement, arrangement_runs in runs.items():
+            wall = statistics.median(r["wall_s"] for r in arrangement_runs)
             summary.append({
-                "mix": mix, "arrangement": arrangement, "requests": len(jobs),
-                "wall_s": statistics.median(r["wall_s"] for r in arrangement_runs),
+                "mix": mix, "arrangement": arrangement, "requests": len(jobs), "wall_s": wall,
                 "decoded_tokens_per_s": statistics.median(r["decoded_tokens"] / r["wall_s"] for r in arrangement_runs),
-                "speed_vs_baseline": base_wall / statistics.median(r["wall_s"] for r in arrangement_runs),
+                "speed_vs_baseline": base_wall / wall,
                 "same_answers": sum(arrangement_runs[0]["answers"][i] == baseline[0]["answers"][i] for i, _, _ in jobs),
                 "runs_wall_s": [r["wall_s"] for r in arrangement_runs]})
 

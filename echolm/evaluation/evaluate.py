@@ -405,15 +405,10 @@ def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, 
     capacity as the validation just measured it), for always-large and EchoLM's fastest validated
     configuration: the same requests, in the same order, as a Poisson stream."""
     capacity = next(v.measured_rps for v in validation if v.system == ALWAYS_LARGE)
-    systems = pareto.get(run.workload.name, {})
     items = run.workload.traffic[:config.validate]
-    specs = [(PipelineRun(ALWAYS_LARGE, "always-large", None), {i.id: Choice(arm="large") for i in items})]
-    reuse = _replay_reuse_run(run, pareto, items)
-    if reuse is not None:
-        specs.append(reuse)
-    elif SMALL_REPLAYED in systems:
-        specs.append((PipelineRun(SMALL_REPLAYED, "similarity", -1.0, replayed_cache=True),
-                      {i.id: Choice(arm=REPLAYED_ARM) for i in items}))
+    systems = {spec.system: (spec, choices) for spec, choices in validated_systems(run, pareto, items)}
+    echolm = systems.get(ECHOLM_REPLAY_REUSE) or systems.get(SMALL_REPLAYED)
+    specs = [systems[ALWAYS_LARGE], *([echolm] if echolm else [])]
     return [measure_latency(settings, scorer, items, config.out_dir / "latency" / run.workload.name, spec=spec,
                             choices=choices,
                             rate_rps=load * capacity, load=load, seed=config.seed)
