@@ -39,6 +39,12 @@ class TierSettings(BaseModel):
                     "(same system prompt and examples) prefills only the rest; 0 turns prompt reuse off, "
                     "even of the previous prompt (every prompt prefilled in full)",
     )
+    lookup_draft_tokens: int = Field(
+        default=0, ge=0, le=64,
+        description="llama.cpp: prompt lookup decoding, drafting up to this many tokens from where the "
+                    "context's last tokens occurred before (an example's answer the model follows) and "
+                    "checking them in one pass; 0 turns it off (echolm.generation.llamacpp_lookup)",
+    )
     base_url: str | None = Field(default=None, description="OpenAI-compatible server URL (backend=openai)")
     use_examples: bool = Field(default=True, description="prepend retrieved examples when routed here")
     simulated_latency_s: float = Field(default=0.0, ge=0, description="echo backend only: delay per request")

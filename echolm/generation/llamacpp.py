@@ -19,7 +19,9 @@ When the outer timeout fires first the worker thread may still be running; the l
 once it has finished, so the next call never shares the model.
 
 Prompts that start like an earlier one reuse its KV state (``TierSettings.prefix_cache_mb``; see
-``echolm.generation.llamacpp_prefix``); with 0, every prompt is prefilled in full.
+``echolm.generation.llamacpp_prefix``); with 0, every prompt is prefilled in full. With
+``TierSettings.lookup_draft_tokens`` the tier decodes with drafts copied from its context
+(``echolm.generation.llamacpp_lookup``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import llama_cpp
 from llama_cpp import llama_chat_format
 
 from echolm.domain import ChatMessage, EchoLMError, ErrorCode, GenerationParams, GenerationResult
+from echolm.generation.llamacpp_lookup import LookupLlama, LookupStats
 from echolm.generation.llamacpp_prefix import KvStateCache, PrefixStats
 from echolm.settings import TierSettings
 
@@ -149,6 +152,12 @@ class LlamaCppGenerator:
         return len(self._prompt_token_ids(llm, messages))
 
     @property
+    def lookup_stats(self) -> LookupStats | None:
+        """Decode passes and draft tokens offered so far (None unless ``lookup_draft_tokens`` is set and
+        the model is loaded)."""
+        return self._llm.lookup.stats if isinstance(self._llm, LookupLlama) else None
+
+    @property
     def prefix_stats(self) -> PrefixStats | None:
         """Prompt tokens reused from kept KV states so far (None when ``prefix_cache_mb`` is 0)."""
         return self._prefix.stats if self._prefix is not None else None
@@ -183,17 +192,17 @@ class LlamaCppGenerator:
 
     def _load_model(self) -> llama_cpp.Llama:
         started = time.monotonic()
-        llm = llama_cpp.Llama(
-            model_path=str(self._model_path),
-            n_ctx=self._tier.n_ctx,
-            n_threads=self._n_threads,
-            n_threads_batch=self._n_threads,
-            verbose=False,
-        )
+        options: dict[str, Any] = {
+            "model_path": str(self._model_path), "n_ctx": self._tier.n_ctx, "n_threads": self._n_threads,
+            "n_threads_batch": self._n_threads, "verbose": False,
+        }
+        drafting = self._tier.lookup_draft_tokens
+        llm = LookupLlama(**options, n_draft=drafting) if drafting else llama_cpp.Llama(**options)
         self._formatter = _chat_formatter(llm)
         log.info(
-            "tier %s: loaded %s (n_ctx=%d, %d threads) in %.1f s",
-            self._tier.name, self._model_path.name, self._tier.n_ctx, self._n_threads, time.monotonic() - started,
+            "tier %s: loaded %s (n_ctx=%d, %d threads%s) in %.1f s",
+            self._tier.name, self._model_path.name, self._tier.n_ctx, self._n_threads,
+            f", prompt lookup drafts of {drafting}" if drafting else "", time.monotonic() - started,
         )
         return llm
 

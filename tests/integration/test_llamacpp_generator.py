@@ -231,3 +231,29 @@ async def test_tiers_on_a_shared_thread_answer_together_and_close_apart(model_pa
     await second.aclose()
     assert shared_compute_thread() is shared
 
+
+
+async def test_prompt_lookup_drafts_are_accepted_and_the_answer_is_the_models(model_path: Path) -> None:
+    # A sentence to repeat: the model's answer copies it, so drafts taken from the prompt are accepted and
+    # the answer needs fewer passes than it has tokens.
+    messages = [ChatMessage("user", "Repeat the following sentence exactly: The quick brown fox jumps over "
+                                    "the lazy dog near the river bank.")]
+    params = GenerationParams(max_tokens=48)
+    plain = LlamaCppGenerator(_tier(), model_path)
+    drafting = LlamaCppGenerator(_tier(lookup_draft_tokens=3), model_path)
+    try:
+        expected = await plain.generate(messages, params, request_id="plain")
+        assert drafting.lookup_stats is None  # not loaded yet
+        got = await drafting.generate(messages, params, request_id="lookup")
+        stats = drafting.lookup_stats
+        assert plain.lookup_stats is None
+    finally:
+        await plain.aclose()
+        await drafting.aclose()
+
+    assert "quick brown fox jumps" in expected.text
+    assert got.text == expected.text
+    assert got.completion_tokens == expected.completion_tokens
+    assert stats is not None and stats.drafted > 0
+    # passes count decode batches after the prompt: every token but the first needs one without drafts
+    assert 0 < stats.passes < got.completion_tokens - 1
