@@ -100,8 +100,9 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 @app.command()
 def worker(
-    stage: Annotated[str, typer.Option(help="all, or one of: embed, retrieve, route, generate, log, "
-                                       "example-stats, replay, evict, feedback, judge, learn")] = "all",
+    stage: Annotated[str, typer.Option(help="all, or one of (or a comma list of): embed, retrieve, route, "
+                                       "generate, log, example-stats, replay, evict, feedback, judge, "
+                                       "learn")] = "all",
     tier: Annotated[list[str] | None, typer.Option(help="generate stage: tier(s) to serve (default: all)")] = None,
     kafka_bootstrap: KafkaOpt = None,
     database_url: DbOpt = None,

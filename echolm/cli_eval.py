@@ -45,6 +45,9 @@ def eval_command(
                                                   "examples), replay-reuse (EchoLM with replay + reuse), cache-front "
                                                   "(the same behind a semantic cache); default all. Runs joined by "
                                                   "bench/join_eval_results.py can share one always-large run")] = "",
+    generate_workers: Annotated[int, typer.Option(help="with --validate: run the pipeline's generate stage in this "
+                                                  "many worker processes, each with both tiers on its share of the "
+                                                  "cores (1: one worker runs every stage)")] = 1,
     replay_samples: Annotated[int, typer.Option(help="phase replay: answers the large tier samples per replayed "
                                                 "cache entry (the task verifier keeps the best)")] = 10,
     prefix_credit: Annotated[bool, typer.Option(help="credit the llama.cpp tiers' prefix caches (TierSettings."
@@ -81,7 +84,7 @@ def eval_command(
             phases=[p.strip() for p in phases.split(",") if p.strip()], generate=generate, max_minutes=max_minutes,
             generation_threads=threads or None, validate=validate,
             validate_loads=[float(x) for x in validate_loads.split(",") if x.strip()], calibrate_per_arm=calibrate_per_arm,
-            validate_systems=frozenset(chosen) if chosen else None,
+            validate_systems=frozenset(chosen) if chosen else None, generate_workers=generate_workers,
             prefix_credit=prefix_credit,
             replay_samples=replay_samples, out_dir=out_dir,
             figures_dir=figures_dir,

@@ -78,10 +78,16 @@ class WorkerPlan:
         stages = available_stages()
         if stage == "all":
             return cls(stages, chosen, "all")
-        if stage not in stages:
-            raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(('all',) + stages)}")
-        name = f"generate-{'-'.join(chosen)}" if stage == "generate" else stage
-        return cls((stage,), chosen if stage == "generate" else (), name)
+        # A comma list runs several stages in one process (e.g. all but generate, beside generate workers).
+        wanted = tuple(dict.fromkeys(s.strip() for s in stage.split(",") if s.strip()))
+        unknown_stages = [s for s in wanted if s not in stages]
+        if unknown_stages or not wanted:
+            raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(('all',) + stages)}, "
+                             "or a comma list of stages")
+        generates = "generate" in wanted
+        # The name is the consumer group's suffix: workers with the same plan share partitions.
+        name = "-".join(f"generate-{'-'.join(chosen)}" if s == "generate" else s for s in wanted)
+        return cls(wanted, chosen if generates else (), name)
 
 
 def faust_broker_urls(bootstrap: str) -> list[str]:

@@ -108,6 +108,7 @@ class EvalConfig:
     validate: int = 0
     validate_loads: list[float] = field(default_factory=list)
     validate_systems: frozenset[str] | None = None  # keys of VALIDATED_SYSTEMS; None: all of them
+    generate_workers: int = 1  # the real pipeline's generate processes (validation.serving_pipeline)
     prefix_credit: bool = True
     replay_samples: int = 10
     out_dir: Path = Path("out/eval")
@@ -116,6 +117,8 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.generate_workers < 1:
+            raise ValueError("--generate-workers has to be at least 1")
         if self.validate_systems is None:
             return
         unknown = sorted(self.validate_systems - set(VALIDATED_SYSTEMS))
@@ -315,6 +318,7 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
             if config.validate_loads:
                 latency += [vars_of(p) for p in _pipeline_latency(config, serving, run, scorer, pareto, validation)]
         results["validation_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        results["validation_generate_workers"] = config.generate_workers
         if latency:
             results["pipeline_latency"] = latency
     # A report-only re-run keeps the last real-pipeline runs (they take many minutes); latency figures
@@ -347,7 +351,8 @@ def _validate(config: EvalConfig, settings: Settings, run: WorkloadRun, scorer: 
     items = run.workload.traffic[:config.validate]
     work_dir = config.out_dir / "validation" / run.workload.name
     wanted = None if config.validate_systems is None else {VALIDATED_SYSTEMS[key] for key in config.validate_systems}
-    return [validate_system(settings, scorer, spec, choices, items, work_dir)
+    return [validate_system(settings, scorer, spec, choices, items, work_dir,
+                            generate_workers=config.generate_workers)
             for spec, choices in validated_systems(run, pareto, items) if wanted is None or spec.system in wanted]
 
 
@@ -411,7 +416,8 @@ def _pipeline_latency(config: EvalConfig, settings: Settings, run: WorkloadRun, 
     specs = [systems[ALWAYS_LARGE], *([echolm] if echolm else [])]
     return [measure_latency(settings, scorer, items, config.out_dir / "latency" / run.workload.name, spec=spec,
                             choices=choices,
-                            rate_rps=load * capacity, load=load, seed=config.seed)
+                            rate_rps=load * capacity, load=load, seed=config.seed,
+                            generate_workers=config.generate_workers)
             for load in config.validate_loads for spec, choices in specs]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -47,7 +48,9 @@ from echolm.evaluation.workload import poisson_arrivals
 from echolm.settings import Settings
 
 if TYPE_CHECKING:
-    from streams.records import RequestRecord, ResponseRecord  # streams is imported only when a run starts
+    # streams is imported only when a run starts
+    from streams.records import RequestRecord, ResponseRecord
+    from streams.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +123,45 @@ class PipelineRun:
     reuse_min_similarity: float | None = None
 
 
+def generate_worker_settings(live: Settings, workers: int, cores: int | None = None) -> Settings:
+    """The settings of one of ``workers`` generate processes sharing the machine's cores: every llama.cpp
+    tier on ``cores // workers`` threads (at least one) and a process's tiers on one shared thread, so each
+    process generates one request at a time on its share of the cores; INFO logs, which say when the
+    worker is ready and holds partitions."""
+    threads = max(1, (cores or os.cpu_count() or 1) // workers)
+    tiers = [t.model_copy(update={"n_threads": threads}) if t.backend == "llamacpp" else t for t in live.tiers]
+    return live.model_copy(update={"tiers": tiers, "llamacpp_shared_thread": True, "log_level": "INFO"})
+
+
+def wait_until_generating(workers: Sequence[WorkerProcess], timeout_s: float) -> None:
+    """Until every generate worker has loaded its models and holds partitions after the group's last
+    rebalance (each logs both), so no rebalance or model load falls into the timed run."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(workers)
+    while pending:
+        for worker in list(pending):
+            if not worker.alive:
+                raise RuntimeError(f"a generate worker exited before it was ready:\n{worker.tail()}")
+            text = worker.log_path.read_text(errors="replace") if worker.log_path.exists() else ""
+            if " ready: stages " in text and "partitions assigned" in text:
+                pending.remove(worker)
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} generate worker(s) not ready after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 @contextmanager
 def serving_pipeline(base: Settings, run: WorkloadRun, spec: PipelineRun, data_dir: Path,
-                     timeout_s: float) -> Iterator[Settings]:
+                     timeout_s: float, generate_workers: int = 1) -> Iterator[Settings]:
     """An embedded broker and one worker process routing as ``spec`` says, on a fresh history seeded with
     the cache part (as the replay phase left it, with ``spec.replayed_cache``), both models loaded by a
-    warm-up request each; yields the live settings."""
+    warm-up request each; yields the live settings.
+
+    With ``generate_workers`` above 1 the generate stage runs instead in that many processes of one
+    consumer group, each holding both tiers on its share of the cores (``generate_worker_settings``:
+    with 2 on 2 cores, one llama.cpp thread each), beside one process for every other stage, its
+    embedder on one thread as in the single worker."""
+    from streams.app import available_stages
     from streams.batch import run_batch
     from streams.broker import EmbeddedBroker
     from streams.worker import WorkerProcess
@@ -141,14 +177,27 @@ def serving_pipeline(base: Settings, run: WorkloadRun, spec: PipelineRun, data_d
                        + _batch_line("warm-large", WARMUP_PROMPT, 8) + "\n")
     with EmbeddedBroker(data_dir) as broker:
         live = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
-        worker = WorkerProcess(live, log_path=data_dir / "worker.log")
-        worker.start()
+        if generate_workers <= 1:
+            workers = [WorkerProcess(live, log_path=data_dir / "worker.log")]
+            generating = []
+        else:
+            front = ",".join(stage for stage in available_stages() if stage != "generate")
+            workers = [WorkerProcess(live.model_copy(update={"embedder_threads": 1}), stage=front,
+                                     log_path=data_dir / "worker.log")]
+            per_worker = generate_worker_settings(live, generate_workers)
+            generating = [WorkerProcess(per_worker, stage="generate", log_path=data_dir / f"worker-generate-{i}.log")
+                          for i in range(generate_workers)]
+            workers += generating
         try:
+            for worker in workers:
+                worker.start()
+            wait_until_generating(generating, timeout_s)
             asyncio.run(asyncio.wait_for(run_batch(live, warm_in, data_dir / "warmup.out.jsonl", progress=False),
                                          timeout_s))
             yield live
         finally:
-            worker.stop()
+            for worker in workers:
+                worker.stop()
 
 
 def _data_dir(work_dir: Path, system: str, suffix: str = "") -> Path:
@@ -263,7 +312,8 @@ class CalibratedPairs:
 
 
 def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, choices: dict[str, Choice],
-                    items: Sequence[TaskItem], work_dir: Path, *, timeout_s: float = 1800.0) -> ValidationPoint:
+                    items: Sequence[TaskItem], work_dir: Path, *, timeout_s: float = 1800.0,
+                    generate_workers: int = 1) -> ValidationPoint:
     """Serve ``items`` through the real pipeline set up as ``spec``, in order, and compare with the cost
     model's prediction for ``choices`` (module docstring); the prediction credits the tiers' prefix
     caches as the scorer does."""
@@ -271,7 +321,7 @@ def validate_system(base: Settings, scorer: WorkloadScorer, spec: PipelineRun, c
 
     run = scorer.run
     data_dir = _data_dir(work_dir, spec.system)
-    with serving_pipeline(base, run, spec, data_dir, timeout_s) as live:
+    with serving_pipeline(base, run, spec, data_dir, timeout_s, generate_workers) as live:
         main_in = data_dir / "requests.jsonl"
         # Custom ids carry the position: a repeated request is served (and counted) again.
         main_in.write_text("".join(_batch_line(_custom_id(n, item), item.prompt, run.workload.max_tokens) + "\n"
@@ -352,7 +402,7 @@ async def _serve_paced(settings: Settings, requests: Sequence[RequestRecord], of
 
 def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[TaskItem], work_dir: Path, *,
                     spec: PipelineRun, choices: dict[str, Choice], rate_rps: float, load: float, seed: int = 0,
-                    timeout_s: float = 1800.0) -> LatencyPoint:
+                    timeout_s: float = 1800.0, generate_workers: int = 1) -> LatencyPoint:
     """Serve ``items`` through the real pipeline as a Poisson stream at ``rate_rps`` (``load`` times
     always-large's measured capacity) and report the latency each request saw, submission to answer,
     next to the cost model's queues fed the same stream with ``choices`` (the pipeline's decisions)."""
@@ -366,7 +416,7 @@ def measure_latency(base: Settings, scorer: WorkloadScorer, items: Sequence[Task
         "temperature": 0.0}) for n, item in enumerate(items)]
     arrivals = poisson_arrivals(len(requests), rate_rps, seed)
     offsets = (arrivals - arrivals[0]).tolist()  # the first request is sent at once
-    with serving_pipeline(base, run, spec, data_dir, timeout_s) as live:
+    with serving_pipeline(base, run, spec, data_dir, timeout_s, generate_workers) as live:
         log.info("%s: %d requests at %.3f req/s (%.2fx always-large's capacity)", spec.system, len(requests),
                  rate_rps, load)
         responses = asyncio.run(asyncio.wait_for(_serve_paced(live, requests, offsets, 600.0), timeout_s))

@@ -37,3 +37,21 @@ def test_the_cli_reports_a_bad_choice_as_a_usage_error(tmp_path) -> None:
     assert result.exit_code == 2
     assert "unknown nope" in result.output
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_generate_workers_split_the_cores_and_share_a_thread_per_process() -> None:
+    from echolm.evaluation.validation import generate_worker_settings
+    from echolm.generation.factory import llamacpp_tiers_share_a_thread
+    from echolm.settings import Settings
+
+    with pytest.raises(ValueError, match="at least 1"):
+        EvalConfig(validate=40, generate_workers=0)
+    live = Settings()
+    per_core = generate_worker_settings(live, workers=2, cores=2)
+    assert [t.n_threads for t in per_core.tiers] == [1, 1]
+    # one request at a time per process, though 1 + 1 threads would fit 2 cores
+    assert llamacpp_tiers_share_a_thread(per_core, cpu_count=2)
+    assert [t.n_threads for t in generate_worker_settings(live, workers=2, cores=16).tiers] == [8, 8]
+    assert [t.n_threads for t in generate_worker_settings(live, workers=4, cores=2).tiers] == [1, 1]
+    assert per_core.log_level == "INFO"  # the readiness lines the pipeline waits for
+    assert live.tiers[0].n_threads is None  # the caller's settings are not changed
