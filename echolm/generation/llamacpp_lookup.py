@@ -14,8 +14,8 @@ rate), so drafting pays only where drafts are accepted; where the context has no
 drafted and a step costs what it did.
 
 ``LookupLlama`` changes how llama-cpp-python's speculative path evaluates: given a draft model it
-computes logits for every prompt token and copies each row into a Python matrix (``n_ctx`` x vocabulary
-float32 rows, 2.5 GB for Qwen2.5 at 4096). Here the prompt keeps only its last row, as without drafting,
+computes logits for every prompt token and copies each row (a vocabulary of float32, 600 KB for
+Qwen2.5) into a Python score matrix. Here the prompt keeps only its last row, as without drafting,
 and decode batches keep theirs in llama.cpp's own buffer, which the sampler reads; nothing is copied.
 Touches attributes of the pinned llama-cpp-python's ``Llama`` that are not public API (``_ctx``,
 ``_batch``, ``_requires_eval``), like ``echolm.generation.llamacpp_prefix``.
