@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from echolm.evaluation.validation import generate_worker_settings, wait_until_ge
 from echolm.settings import Settings, TierSettings, TopicSettings
 from streams.app import available_stages
 from streams.batch import run_batch
-from streams.broker import EmbeddedBroker
+from streams.broker import EmbeddedBroker, free_port
 from streams.worker import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -30,12 +29,6 @@ TIERS = [
                  simulated_latency_s=0.05),
 ]
 REQUESTS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generated(port: int) -> float:
