@@ -87,6 +87,38 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+@dataclass(frozen=True)
+class Lift:
+    """How many win-rate points examples add to the small model, request by request.
+
+    ``points`` is 100 x the mean over requests of ``score(candidate) - score(baseline)``, each score the
+    request's win (1), tie (0.5) or loss (0) against the large model's answer, so it equals the
+    difference of the two win rates. Traffic requests are independent draws from the workload's
+    popularity law, so the mean of the paired differences has a normal-approximation 95% interval
+    (``low``, ``high``); pairing removes the requests on which both arms do the same.
+    """
+
+    points: float
+    low: float
+    high: float
+    requests: int
+
+
+def paired_lift(candidate: Sequence[bool], baseline: Sequence[bool], large: Sequence[bool],
+                z: float = 1.96) -> Lift:
+    """The candidate's win-rate lift over the baseline, both judged by pass/fail against ``large``."""
+    if not (len(candidate) == len(baseline) == len(large)) or not large:
+        raise ValueError("paired_lift needs three equally long, non-empty pass/fail lists")
+    score = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+    diffs = [score[pass_fail_outcome(c, g)] - score[pass_fail_outcome(b, g)]
+             for c, b, g in zip(candidate, baseline, large, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = z * (variance / n) ** 0.5
+    return Lift(100 * mean, 100 * (mean - half), 100 * (mean + half), n)
+
+
 class VerdictCache:
     """Verifier results on disk, keyed by the verifier, the request and the answer text."""
 

@@ -26,7 +26,7 @@ from echolm.evaluation.efficiency import (
 from echolm.evaluation.generation_cache import GenerationJob
 from echolm.evaluation.harness import REPLAYED_ARM, MissingGenerations, WorkloadRun
 from echolm.evaluation.prefix_reuse import PrefixCredit
-from echolm.evaluation.quality import VerdictCache, pass_fail_outcome, wilson_interval, win_rate_of
+from echolm.evaluation.quality import Lift, VerdictCache, paired_lift, pass_fail_outcome, wilson_interval, win_rate_of
 from echolm.evaluation.systems import Choice, similarity_weighted_scores, sweep_thresholds, threshold_choices
 
 ALWAYS_LARGE = "always-large"
@@ -408,6 +408,40 @@ def cache_size_points(scorer: WorkloadScorer) -> list[tuple[int, SystemPoint]]:
     if scorer.available("small+nearest"):
         points.append((n_cache, _fixed(scorer, SMALL_NEAREST, "small+nearest", True)))
     return points
+
+
+# What examples add to the small model, by which examples (the arm the lift is read from).
+LIFT_ARMS = {"nearest examples": "small+nearest", "trained stage 2 examples": "small+learned",
+             "the replayed cache's nearest examples": REPLAYED_ARM}
+
+
+def small_model_lifts(scorer: WorkloadScorer) -> dict[str, dict[str, Lift]]:
+    """Per example source: the small model's win-rate lift over the traffic (repeats counted, as the
+    systems are scored) and over its distinct requests (each once: what popular requests cannot tilt).
+    Both paired request by request against always-small (``paired_lift``)."""
+    if not (scorer.available("small") and scorer.available("large")):
+        return {}
+    workload = scorer.run.workload
+    lifts: dict[str, dict[str, Lift]] = {}
+    for label, arm in LIFT_ARMS.items():
+        if not scorer.available(arm):
+            continue
+        lifts[label] = {}
+        for scope, items in (("traffic", workload.traffic), ("distinct", workload.unique_traffic)):
+            def passed(arm_name: str, chosen: Sequence[TaskItem] = items) -> list[bool]:
+                return [scorer.arm_result(item, arm_name).passed for item in chosen]
+            lifts[label][scope] = paired_lift(passed(arm), passed("small"), passed("large"))
+    return lifts
+
+
+def lift_table(lifts: dict[str, dict[str, Lift]]) -> str:
+    rows = ["| examples | lift over the traffic, points (95% CI) | requests | lift over distinct requests (95% CI) "
+            "| distinct |", "|---|---|---|---|---|"]
+    for label, by_scope in lifts.items():
+        t, d = by_scope["traffic"], by_scope["distinct"]
+        rows.append(f"| {label} | {t.points:+.1f} [{t.low:+.1f}, {t.high:+.1f}] | {t.requests} | "
+                    f"{d.points:+.1f} [{d.low:+.1f}, {d.high:+.1f}] | {d.requests} |")
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from echolm.datasets import TaskItem
-from echolm.evaluation.quality import VerdictCache, pass_fail_outcome, verify, wilson_interval, win_rate_of
+from echolm.evaluation.quality import (
+    VerdictCache,
+    paired_lift,
+    pass_fail_outcome,
+    verify,
+    wilson_interval,
+    win_rate_of,
+)
 
 MATH = TaskItem("q", "q", "What is 6*7?", "#### 42", "42", (), None)
 CODE = TaskItem("c", "c", "Write add.", "def add(a, b): return a + b", None,
@@ -64,3 +71,28 @@ def test_verdict_cache_returns_the_stored_verdict(tmp_path) -> None:
     assert row == (1,)
     assert reopened.verify(MATH, "The answer is 42.", "numeric") == first
     reopened.close()
+
+
+def test_paired_lift_is_the_difference_of_win_rates_with_an_interval() -> None:
+    large = [True, False, False, True, False, True, False, False]
+    small = [True, False, False, False, False, True, False, True]
+    nearest = [True, True, False, True, False, True, True, False]
+    lift = paired_lift(nearest, small, large)
+
+    def rate(candidate: list[bool]) -> float:
+        return win_rate_of([pass_fail_outcome(c, g) for c, g in zip(candidate, large, strict=True)])
+
+    assert lift.points == pytest.approx(100 * (rate(nearest) - rate(small)))
+    assert lift.low < lift.points < lift.high
+    assert lift.requests == 8
+
+
+def test_paired_lift_interval_narrows_with_more_requests_and_vanishes_without_differences() -> None:
+    large, small, nearest = [False, False, True, False], [False, False, True, True], [True, False, True, False]
+    few, many = paired_lift(nearest, small, large), paired_lift(nearest * 10, small * 10, large * 10)
+    assert few.points == pytest.approx(many.points)
+    assert many.high - many.low < few.high - few.low
+    same = paired_lift(small, small, large)
+    assert (same.points, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_lift([True], [True, False], [True])

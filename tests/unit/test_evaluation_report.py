@@ -121,3 +121,40 @@ def test_a_system_mixing_tiers_is_charged_their_overlap() -> None:
     # Always-large is one tier: the slowdown does not touch it.
     assert overlapped.evaluate("large", {"a": Choice(arm="large"), "b": Choice(arm="large")},
                                uses_retrieval=False).throughput_ratio == pytest.approx(1.0)
+
+
+def test_small_model_lift_counts_repeats_over_the_traffic_and_each_request_once_over_distinct_ones() -> None:
+    """A popular request the examples fix moves the traffic's lift more than the distinct requests'."""
+    from types import SimpleNamespace
+
+    from echolm.datasets import TaskItem
+    from echolm.evaluation.efficiency import CostModel, TierCostModel
+    from echolm.evaluation.harness import MissingGenerations
+    from echolm.evaluation.report import WorkloadScorer, lift_table, small_model_lifts
+    from echolm.evaluation.systems import Arm
+
+    popular, rare = TaskItem("p", "g1", "p", "", "1", (), "en"), TaskItem("r", "g2", "r", "", "1", (), "en")
+    passes = {("p", "small+nearest")}  # every other (request, arm) fails, the large model's answers too
+
+    class Run:
+        workload = SimpleNamespace(traffic=[popular, popular, popular, rare], unique_traffic=[popular, rare],
+                                   verifier="numeric", name="w")
+
+        def arm_for(self, item, name):  # type: ignore[no-untyped-def]
+            if name not in ("large", "small", "small+nearest"):
+                raise MissingGenerations(name)
+            return Arm(name, "large" if name == "large" else "small")
+
+        def generation(self, item, arm):  # type: ignore[no-untyped-def]
+            text = "pass" if (item.id, arm.name) in passes else "fail"
+            return SimpleNamespace(text=text, prompt_tokens=10, completion_tokens=5, latency_s=1.0)
+
+    verdicts = SimpleNamespace(verify=lambda item, text, verifier: SimpleNamespace(passed=text == "pass"))
+    costs = CostModel({t: TierCostModel(t, 0.0, 0.1, 0.2, 3, 0, 0.0) for t in ("small", "large")})
+    lifts = small_model_lifts(WorkloadScorer(Run(), verdicts, costs))  # type: ignore[arg-type]
+
+    assert list(lifts) == ["nearest examples"]  # no trained or replayed arm generated
+    assert lifts["nearest examples"]["traffic"].points == pytest.approx(37.5)  # 3 of 4 requests: a win, not a tie
+    assert lifts["nearest examples"]["distinct"].points == pytest.approx(25.0)
+    assert lifts["nearest examples"]["distinct"].requests == 2
+    assert "| nearest examples | +37.5 [" in lift_table(lifts)
