@@ -59,6 +59,13 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         assert min(p["small_share"] for p in sweep) == 0.0
         assert max(p["small_share"] for p in sweep) == 1.0
         assert summary["cache_size"][0]["size"] == 0
+        # The small model's lift is read off the same answers as the systems' win rates.
+        lift = summary["small_model_lift"]["nearest examples"]
+        nearest, small = systems["small + nearest examples (stage 1)"][0], systems["always-small"][0]
+        assert lift["traffic"]["points"] == pytest.approx(100 * (nearest["win_rate"] - small["win_rate"]))
+        assert lift["traffic"]["requests"] == summary["traffic"]
+        assert lift["distinct"]["requests"] == summary["distinct_requests"]
+        assert lift["traffic"]["low"] <= lift["traffic"]["points"] <= lift["traffic"]["high"]
         # A semantic cache in front of EchoLM with replay contains the semantic cache on the replayed cache
         # (misses all to the large tier), so it matches every point of that frontier.
         met, total = summary["targets"]["EchoLM with replay behind a semantic cache matches or beats semantic cache "
