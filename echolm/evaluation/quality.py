@@ -109,8 +109,8 @@ def paired_lift(candidate: Sequence[bool], baseline: Sequence[bool], large: Sequ
     """The candidate's win-rate lift over the baseline, both judged by pass/fail against ``large``."""
     if not (len(candidate) == len(baseline) == len(large)) or not large:
         raise ValueError("paired_lift needs three equally long, non-empty pass/fail lists")
-    score = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-    diffs = [score[pass_fail_outcome(c, g)] - score[pass_fail_outcome(b, g)]
+    # Halved: _OUTCOME_SCORE spans -1..1, a win rate's per-request score 0..1.
+    diffs = [(_OUTCOME_SCORE[pass_fail_outcome(c, g)] - _OUTCOME_SCORE[pass_fail_outcome(b, g)]) / 2
              for c, b, g in zip(candidate, baseline, large, strict=True)]
     n = len(diffs)
     mean = sum(diffs) / n

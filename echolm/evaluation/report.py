@@ -418,7 +418,8 @@ LIFT_ARMS = {"nearest examples": "small+nearest", "trained stage 2 examples": "s
 def small_model_lifts(scorer: WorkloadScorer) -> dict[str, dict[str, Lift]]:
     """Per example source: the small model's win-rate lift over the traffic (repeats counted, as the
     systems are scored) and over its distinct requests (each once: what popular requests cannot tilt).
-    Both paired request by request against always-small (``paired_lift``)."""
+    Both paired request by request against always-small (``paired_lift``); the distinct interval treats
+    the distinct requests as a sample of tasks, so it says how far the lift reaches beyond the popular ones."""
     if not (scorer.available("small") and scorer.available("large")):
         return {}
     workload = scorer.run.workload
