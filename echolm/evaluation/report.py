@@ -423,16 +423,14 @@ def small_model_lifts(scorer: WorkloadScorer) -> dict[str, dict[str, Lift]]:
     if not (scorer.available("small") and scorer.available("large")):
         return {}
     workload = scorer.run.workload
-    lifts: dict[str, dict[str, Lift]] = {}
-    for label, arm in LIFT_ARMS.items():
-        if not scorer.available(arm):
-            continue
-        lifts[label] = {}
-        for scope, items in (("traffic", workload.traffic), ("distinct", workload.unique_traffic)):
-            def passed(arm_name: str, chosen: Sequence[TaskItem] = items) -> list[bool]:
-                return [scorer.arm_result(item, arm_name).passed for item in chosen]
-            lifts[label][scope] = paired_lift(passed(arm), passed("small"), passed("large"))
-    return lifts
+    scopes = {"traffic": workload.traffic, "distinct": workload.unique_traffic}
+
+    def passed(arm_name: str, items: Sequence[TaskItem]) -> list[bool]:
+        return [scorer.arm_result(item, arm_name).passed for item in items]
+
+    baselines = {scope: (passed("small", items), passed("large", items)) for scope, items in scopes.items()}
+    return {label: {scope: paired_lift(passed(arm, items), *baselines[scope]) for scope, items in scopes.items()}
+            for label, arm in LIFT_ARMS.items() if scorer.available(arm)}
 
 
 def lift_table(lifts: dict[str, dict[str, Lift]]) -> str:
