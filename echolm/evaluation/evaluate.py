@@ -12,7 +12,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from echolm.evaluation.efficiency import (
 from echolm.evaluation.generation_cache import DEFAULT_CACHE_DIR, GenerationCache, calibrate_costs, measure_shared_cpu
 from echolm.evaluation.harness import PHASES, REPLAYED_ARM, WorkloadRun, calibration_jobs, default_embedder, run_phases
 from echolm.evaluation.prefix_reuse import KvFootprint, PrefixCredit, TierPrefixCache
-from echolm.evaluation.quality import Lift, VerdictCache
+from echolm.evaluation.quality import VerdictCache
 from echolm.evaluation.replay_phase import ReplayOutcome, stored_replayer
 from echolm.evaluation.stage2 import learned_selections
 from echolm.evaluation.report import (
@@ -58,10 +58,10 @@ from echolm.evaluation.report import (
     dominance,
     evaluate_workload,
     latency_table,
-    lift_table,
     operating_point,
     replay_reuse_choices,
-    small_model_lifts,
+    SmallModelFindings,
+    small_model_findings,
     systems_table,
     throughput_at_win_rate,
     tokens_table,
@@ -310,9 +310,9 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
         systems = evaluate_workload(scorer)
         pareto[run.workload.name] = systems
         sizes[run.workload.name] = cache_size_points(scorer)
-        lifts = small_model_lifts(scorer)
-        results["workloads"][run.workload.name] = workload_summary(run, systems, sizes[run.workload.name], lifts)
-        sections.append(workload_section(run, scorer, systems, sizes[run.workload.name], lifts))
+        findings = small_model_findings(scorer)
+        results["workloads"][run.workload.name] = workload_summary(run, systems, sizes[run.workload.name], findings)
+        sections.append(workload_section(run, scorer, systems, sizes[run.workload.name], findings))
     if config.validate > 0:
         results["validation"], latency = [], []
         for run, scorer in zip(runs, scorers, strict=True):
@@ -449,8 +449,6 @@ def runs_by(runs: list[WorkloadRun], name: str) -> str:
 
 
 def vars_of(value: Any) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
     return asdict(value) if is_dataclass(value) else dict(value)
 
 
@@ -474,15 +472,14 @@ def machine_description() -> str:
 
 def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
                      sizes: list[tuple[int, SystemPoint]],
-                     lifts: dict[str, dict[str, Lift]] | None = None) -> dict[str, Any]:
+                     findings: SmallModelFindings | None = None) -> dict[str, Any]:
     """The figures the targets are read from, plus every point of every system."""
     summary: dict[str, Any] = {
         "description": run.workload.description, "traffic": len(run.workload.traffic),
         "distinct_requests": len(run.workload.unique_traffic), "cache": len(run.workload.cache),
         "systems": {name: [p.as_dict() for p in points] for name, points in systems.items()},
         "cache_size": [{"size": size, **p.as_dict()} for size, p in sizes],
-        "small_model_lift": {label: {scope: asdict(lift) for scope, lift in by_scope.items()}
-                             for label, by_scope in (lifts or {}).items()},
+        **(findings.as_dict() if findings else {}),
     }
     targets: dict[str, Any] = {}
     small = systems.get("always-small")
@@ -511,7 +508,7 @@ def workload_summary(run: WorkloadRun, systems: dict[str, list[SystemPoint]],
 
 
 def workload_section(run: WorkloadRun, scorer: WorkloadScorer, systems: dict[str, list[SystemPoint]],
-                     sizes: list[tuple[int, SystemPoint]], lifts: dict[str, dict[str, Lift]] | None = None) -> str:
+                     sizes: list[tuple[int, SystemPoint]], findings: SmallModelFindings | None = None) -> str:
     w = run.workload
     lines = [f"### {w.name}", "", f"{w.description}. {len(w.traffic)} requests ({len(w.unique_traffic)} distinct); "
              f"verifier: {w.verifier}; max_tokens {w.max_tokens}; examples per offloaded request k = {run.k}.", "",
@@ -524,10 +521,8 @@ def workload_section(run: WorkloadRun, scorer: WorkloadScorer, systems: dict[str
              "**Latency at fixed loads** (derived: Poisson arrivals, one FIFO queue per tier, the busy tiers sharing "
              "the CPU as the cost model's slowdown says; service times = the system's modelled per-request costs):",
              "", latency_table(systems, LATENCY_LOADS, scorer.costs.shared_cpu_slowdown), ""]
-    if lifts:
-        lines += ["**The small model's win rate with examples** (points over always-small, paired request by "
-                  "request; over the traffic, repeats counted as the systems are scored, and over its distinct "
-                  "requests, each once, which a few popular requests cannot tilt):", "", lift_table(lifts), ""]
+    if findings:
+        lines += findings.markdown()
     outcome = run.replay_outcome()
     if outcome is not None:
         lines += [replay_paragraph(run, outcome), ""]

@@ -119,6 +119,16 @@ def paired_lift(candidate: Sequence[bool], baseline: Sequence[bool], large: Sequ
     return Lift(100 * mean, 100 * (mean - half), 100 * (mean + half), n)
 
 
+def parity_headroom(small: Sequence[bool], large: Sequence[bool]) -> float:
+    """Win-rate points the small model would gain by tying the large model on every request, i.e. by
+    answering as it does: ``100 x (0.5 - win rate)``. Examples that only carry the large model's answers
+    cannot lift it further; more needs answers better than the large model's own (replay's verified
+    samples), so this bounds what copying can show against a lift target."""
+    if len(small) != len(large) or not large:
+        raise ValueError("parity_headroom needs two equally long, non-empty pass/fail lists")
+    return 100 * (0.5 - win_rate_of([pass_fail_outcome(s, g) for s, g in zip(small, large, strict=True)]))
+
+
 class VerdictCache:
     """Verifier results on disk, keyed by the verifier, the request and the answer text."""
 

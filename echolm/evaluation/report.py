@@ -26,7 +26,15 @@ from echolm.evaluation.efficiency import (
 from echolm.evaluation.generation_cache import GenerationJob
 from echolm.evaluation.harness import REPLAYED_ARM, MissingGenerations, WorkloadRun
 from echolm.evaluation.prefix_reuse import PrefixCredit
-from echolm.evaluation.quality import Lift, VerdictCache, paired_lift, pass_fail_outcome, wilson_interval, win_rate_of
+from echolm.evaluation.quality import (
+    Lift,
+    VerdictCache,
+    paired_lift,
+    parity_headroom,
+    pass_fail_outcome,
+    wilson_interval,
+    win_rate_of,
+)
 from echolm.evaluation.systems import Choice, similarity_weighted_scores, sweep_thresholds, threshold_choices
 
 ALWAYS_LARGE = "always-large"
@@ -431,6 +439,101 @@ def small_model_lifts(scorer: WorkloadScorer) -> dict[str, dict[str, Lift]]:
     baselines = {scope: (passed("small", items), passed("large", items)) for scope, items in scopes.items()}
     return {label: {scope: paired_lift(passed(arm, items), *baselines[scope]) for scope, items in scopes.items()}
             for label, arm in LIFT_ARMS.items() if scorer.available(arm)}
+
+
+def small_model_headroom(scorer: WorkloadScorer) -> dict[str, float]:
+    """Per scope (traffic, distinct requests): the lift the small model would get from tying the large
+    model everywhere (``parity_headroom``), the most that examples carrying its answers can add."""
+    if not (scorer.available("small") and scorer.available("large")):
+        return {}
+    workload = scorer.run.workload
+    return {scope: parity_headroom([scorer.arm_result(item, "small").passed for item in items],
+                                   [scorer.arm_result(item, "large").passed for item in items])
+            for scope, items in (("traffic", workload.traffic), ("distinct", workload.unique_traffic))}
+
+
+# The arms the popular-requests table shows, with their column titles.
+POPULAR_ARMS = {"large": "large", "small": "small", "small+nearest": "small + nearest",
+                REPLAYED_ARM: "small + replayed cache's nearest"}
+
+
+@dataclass(frozen=True, slots=True)
+class PopularRequest:
+    """One of the most requested distinct requests: how much of the traffic it is and who answers it."""
+
+    request_id: str
+    count: int
+    share: float
+    nearest_entry: str  # the cache part's most similar entry, the example stage 1 gives it
+    nearest_similarity: float
+    passed: dict[str, bool]  # arm -> the verifier's verdict, for the arms generated
+
+
+def popular_requests(scorer: WorkloadScorer, top: int = 8) -> list[PopularRequest]:
+    """The ``top`` distinct requests by traffic count (ties: first arrival first). Under Zipf traffic a
+    few of them carry much of every win rate; this says which, and whether examples help there."""
+    workload = scorer.run.workload
+    counts = Counter(item.id for item in workload.traffic)
+    arms = [arm for arm in POPULAR_ARMS if scorer.available(arm)]
+    ordered = sorted(workload.unique_traffic, key=lambda item: -counts[item.id])
+    rows = []
+    for item in ordered[:top]:
+        index, similarity = scorer.run.table.best(item.id)
+        rows.append(PopularRequest(item.id, counts[item.id], counts[item.id] / len(workload.traffic),
+                                   workload.cache[index].id, similarity,
+                                   {arm: scorer.arm_result(item, arm).passed for arm in arms}))
+    return rows
+
+
+def popular_requests_table(rows: Sequence[PopularRequest]) -> str:
+    arms = list(rows[0].passed) if rows else []
+    header = ["request", "requests", "share of traffic", "nearest cache entry (cosine)"]
+    header += [POPULAR_ARMS[arm] for arm in arms]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.request_id, str(row.count), _pct(row.share), f"{row.nearest_entry} ({row.nearest_similarity:.2f})"]
+        cells += ["pass" if row.passed[arm] else "fail" for arm in arms]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SmallModelFindings:
+    """What examples do for the small model on one workload: its lift per example source, the lift that
+    tying the large model everywhere would give, and the most requested requests (where the lift is won
+    or lost under Zipf traffic)."""
+
+    lifts: dict[str, dict[str, Lift]]
+    headroom: dict[str, float]
+    popular: list[PopularRequest]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"small_model_lift": {label: {scope: asdict(lift) for scope, lift in by_scope.items()}
+                                     for label, by_scope in self.lifts.items()},
+                "small_model_parity_headroom_points": self.headroom,
+                "popular_requests": [asdict(row) for row in self.popular]}
+
+    def markdown(self) -> list[str]:
+        lines: list[str] = []
+        if self.lifts:
+            lines += ["**The small model's win rate with examples** (points over always-small, paired request by "
+                      "request; over the traffic, repeats counted as the systems are scored, and over its distinct "
+                      "requests, each once, which a few popular requests cannot tilt):", "", lift_table(self.lifts), ""]
+        if self.headroom:
+            lines += [f"Tying the large model on every request would lift the small model by "
+                      f"{self.headroom['traffic']:+.1f} points over the traffic ({self.headroom['distinct']:+.1f} over "
+                      "the distinct requests): the most that examples carrying the large model's own answers can "
+                      "add. A larger lift needs examples better than those answers (replay's verified samples).", ""]
+        if self.popular:
+            lines += ["**The most requested requests** (the verifier's verdict per arm; under Zipf traffic these "
+                      "carry much of every win rate):", "", popular_requests_table(self.popular), ""]
+        return lines
+
+
+def small_model_findings(scorer: WorkloadScorer, top: int = 8) -> SmallModelFindings:
+    if not (scorer.available("small") and scorer.available("large")):
+        return SmallModelFindings({}, {}, [])
+    return SmallModelFindings(small_model_lifts(scorer), small_model_headroom(scorer), popular_requests(scorer, top))
 
 
 def lift_table(lifts: dict[str, dict[str, Lift]]) -> str:

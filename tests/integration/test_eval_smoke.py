@@ -66,6 +66,14 @@ def test_eval_runs_end_to_end_on_a_handful_of_requests(tmp_path: Path) -> None:
         assert lift["traffic"]["requests"] == summary["traffic"]
         assert lift["distinct"]["requests"] == summary["distinct_requests"]
         assert lift["traffic"]["low"] <= lift["traffic"]["points"] <= lift["traffic"]["high"]
+        # Tying the large model everywhere is what always-small lacks to a win rate of 0.5; the most
+        # requested requests come first, each with the arms' verdicts.
+        headroom = summary["small_model_parity_headroom_points"]
+        assert headroom["traffic"] == pytest.approx(100 * (0.5 - small["win_rate"]))
+        popular = summary["popular_requests"]
+        assert popular and sum(r["count"] for r in popular) <= summary["traffic"]
+        assert [r["count"] for r in popular] == sorted((r["count"] for r in popular), reverse=True)
+        assert {"large", "small", "small+nearest", "small+replayed"} == set(popular[0]["passed"])
         # A semantic cache in front of EchoLM with replay contains the semantic cache on the replayed cache
         # (misses all to the large tier), so it matches every point of that frontier.
         met, total = summary["targets"]["EchoLM with replay behind a semantic cache matches or beats semantic cache "

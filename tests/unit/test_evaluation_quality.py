@@ -8,6 +8,7 @@ from echolm.datasets import TaskItem
 from echolm.evaluation.quality import (
     VerdictCache,
     paired_lift,
+    parity_headroom,
     pass_fail_outcome,
     verify,
     wilson_interval,
@@ -96,3 +97,12 @@ def test_paired_lift_interval_narrows_with_more_requests_and_vanishes_without_di
     assert (same.points, same.low, same.high) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError):
         paired_lift([True], [True, False], [True])
+
+
+def test_parity_headroom_is_what_tying_the_large_model_everywhere_adds() -> None:
+    # Small alone: one win, two losses, one tie (win rate 0.375): tying everywhere adds 12.5 points.
+    assert parity_headroom([True, False, False, True], [False, True, True, True]) == pytest.approx(12.5)
+    # Already ahead of the large model: copying it would cost points.
+    assert parity_headroom([True, True], [False, True]) == pytest.approx(-25.0)
+    with pytest.raises(ValueError, match="equally long"):
+        parity_headroom([True], [])

@@ -158,3 +158,53 @@ def test_small_model_lift_counts_repeats_over_the_traffic_and_each_request_once_
     assert lifts["nearest examples"]["distinct"].points == pytest.approx(25.0)
     assert lifts["nearest examples"]["distinct"].requests == 2
     assert "| nearest examples | +37.5 [" in lift_table(lifts)
+
+
+def test_small_model_findings_give_the_parity_headroom_and_the_most_requested_requests_first() -> None:
+    """Tying the large model bounds what copying its answers can lift; the popular table ranks by count."""
+    from types import SimpleNamespace
+
+    from echolm.datasets import TaskItem
+    from echolm.evaluation.efficiency import CostModel, TierCostModel
+    from echolm.evaluation.harness import MissingGenerations
+    from echolm.evaluation.report import WorkloadScorer, small_model_findings
+    from echolm.evaluation.systems import Arm
+
+    popular, rare = TaskItem("p", "g1", "p", "", "1", (), "en"), TaskItem("r", "g2", "r", "", "1", (), "en")
+    # The large model passes the popular request, the small one alone only the rare one (a win there).
+    passes = {("p", "large"), ("r", "small"), ("p", "small+nearest"), ("r", "small+nearest")}
+
+    class Run:
+        workload = SimpleNamespace(traffic=[rare, popular, popular, popular], unique_traffic=[rare, popular],
+                                   cache=[SimpleNamespace(id="cache-r"), SimpleNamespace(id="cache-p")],
+                                   verifier="numeric", name="w")
+        table = SimpleNamespace(best=lambda request_id: (1, 0.9) if request_id == "p" else (0, 0.4))
+
+        def arm_for(self, item, name):  # type: ignore[no-untyped-def]
+            if name not in ("large", "small", "small+nearest"):
+                raise MissingGenerations(name)
+            return Arm(name, "large" if name == "large" else "small")
+
+        def generation(self, item, arm):  # type: ignore[no-untyped-def]
+            text = "pass" if (item.id, arm.name) in passes else "fail"
+            return SimpleNamespace(text=text, prompt_tokens=10, completion_tokens=5, latency_s=1.0)
+
+    verdicts = SimpleNamespace(verify=lambda item, text, verifier: SimpleNamespace(passed=text == "pass"))
+    costs = CostModel({t: TierCostModel(t, 0.0, 0.1, 0.2, 3, 0, 0.0) for t in ("small", "large")})
+    findings = small_model_findings(WorkloadScorer(Run(), verdicts, costs), top=1)  # type: ignore[arg-type]
+
+    # Alone: 3 losses and 1 win over the traffic (win rate 0.25), a loss and a win over the distinct ones.
+    assert findings.headroom["traffic"] == pytest.approx(25.0)
+    assert findings.headroom["distinct"] == pytest.approx(0.0)
+    # With examples it ties the popular request and still wins the rare one: past the headroom, which
+    # only answers better than the large model's can do.
+    assert findings.lifts["nearest examples"]["traffic"].points == pytest.approx(37.5)
+    [row] = findings.popular
+    assert (row.request_id, row.count, row.share) == ("p", 3, 0.75)
+    assert (row.nearest_entry, row.nearest_similarity) == ("cache-p", 0.9)
+    assert row.passed == {"large": True, "small": False, "small+nearest": True}
+    text = "\n".join(findings.markdown())
+    assert "| p | 3 | 75.0% | cache-p (0.90) | pass | fail | pass |" in text
+    assert "lift the small model by +25.0 points over the traffic (+0.0 over the distinct requests)" in text
+    assert findings.as_dict()["popular_requests"][0]["passed"] == {"large": True, "small": False,
+                                                                  "small+nearest": True}
