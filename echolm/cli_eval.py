@@ -48,6 +48,10 @@ def eval_command(
     generate_workers: Annotated[int, typer.Option(help="with --validate: run the pipeline's generate stage in this "
                                                   "many worker processes, each with both tiers on its share of the "
                                                   "cores (1: one worker runs every stage)")] = 1,
+    generate_affinity: Annotated[str | None, typer.Option(help="with --generate-workers: how offloaded requests "
+                                                          "spread over the generate workers, request (by request id) "
+                                                          "or first-example (with their first example's worker, whose "
+                                                          "prefix cache holds it); default ECHOLM_GENERATE_AFFINITY")] = None,
     replay_samples: Annotated[int, typer.Option(help="phase replay: answers the large tier samples per replayed "
                                                 "cache entry (the task verifier keeps the best)")] = 10,
     prefix_credit: Annotated[bool, typer.Option(help="credit the llama.cpp tiers' prefix caches (TierSettings."
@@ -74,6 +78,8 @@ def eval_command(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         base = Settings()
+        if generate_affinity is not None:
+            base = Settings.model_validate({**base.model_dump(), "generate_affinity": generate_affinity})
     except Exception as exc:  # pydantic names the bad variable
         raise typer.BadParameter(str(exc)) from exc
     chosen = [name.strip() for name in validate_systems.split(",") if name.strip()]

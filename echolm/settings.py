@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from echolm.affinity import GenerateAffinity
 from echolm.domain import REUSE_TIER
 from echolm.prompting import PromptLayout
 
@@ -266,6 +267,11 @@ class Settings(BaseSettings):
         description="answer repeats verbatim from the cache (tier 'cache', no generation) when the best example is at "
                     "least this similar, e.g. 0.995 (MiniLM: paraphrases 0.97-0.99); unset = never: near-duplicates that differ need a new answer")
     reuse_min_quality: float = Field(default=0.5, ge=0, le=1, description="examples scored below this are never reused verbatim")
+    generate_affinity: GenerateAffinity = Field(
+        default="request",
+        description="how offloaded requests spread over a tier's generate partitions: request (by request id, even) or "
+                    "first-example (requests with the same first example on one worker, which keeps its prefix cache's "
+                    "reuse when a tier has several generate workers)")
 
     # Generation
     tiers: list[TierSettings] = Field(default_factory=_default_tiers, description="model tiers as a JSON list")

@@ -332,7 +332,8 @@ class _Wiring:
     async def _send_all(self, outgoing: list[Outgoing]) -> None:
         if not outgoing:
             return
-        pending = [await self.app.send(o.topic, key=o.key.encode(), value=o.value) for o in outgoing]
+        pending = [await self.app.send(o.topic, key=o.key.encode(), value=o.value, partition=o.partition)
+                   for o in outgoing]
         # Wait for the broker's acknowledgement before the batch is acked (at-least-once).
         await asyncio.gather(*pending)
 

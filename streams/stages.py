@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import numpy as np
 from pydantic import ValidationError
 
+from echolm.affinity import affinity_partition
 from echolm.domain import (
     ChatMessage,
     EchoLMError,
@@ -25,6 +26,7 @@ from echolm.domain import (
     Example,
     GenerationResult,
     RetrievedExample,
+    RouteDecision,
     request_text,
 )
 from echolm.prompting import build_messages, select_within_budget
@@ -65,6 +67,7 @@ class Outgoing:
     topic: str
     key: str
     value: bytes
+    partition: int | None = None  # None: the key's partition (see echolm.affinity for the exception)
 
 
 def error_response(request: RequestRecord, stage: str, error: EchoLMError,
@@ -240,10 +243,20 @@ class RouteStage:
             updated = record.model_copy(update={
                 "route": route, "timings": {**record.timings, self.name: time.perf_counter() - started}})
             out.append(Outgoing(self._settings.topics.generate(decision.tier), request.request_id,
-                                updated.model_dump_json().encode()))
+                                updated.model_dump_json().encode(), self._partition(decision, record)))
             if decision.compare_with and decision.compare_with != decision.tier:
                 out.extend(self._comparison(updated, decision.compare_with))
         return out
+
+    def _partition(self, decision: RouteDecision, record: InFlightRequest) -> int | None:
+        """The generate partition when requests are kept with their first example's worker (``echolm.affinity``)."""
+        if self._settings.generate_affinity == "request" or not decision.use_examples:
+            return None
+        tier = next((t for t in self._settings.tiers if t.name == decision.tier), None)
+        if tier is None or not tier.use_examples:
+            return None
+        return affinity_partition([ref.id for ref in record.examples or []], self._settings.topics.partitions,
+                                  self._settings.generate_affinity)
 
     def _reuse(self, record: InFlightRequest, reused: RetrievedExample, started: float) -> ResponseRecord:
         """The request answered with ``reused``'s cached answer, verbatim: a repeat needs no generation."""

@@ -322,6 +322,7 @@ def run_evaluation(config: EvalConfig, base: Settings | None = None) -> dict[str
                 latency += [vars_of(p) for p in _pipeline_latency(config, serving, run, scorer, pareto, validation)]
         results["validation_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         results["validation_generate_workers"] = config.generate_workers
+        results["validation_generate_affinity"] = serving.generate_affinity
         if latency:
             results["pipeline_latency"] = latency
     # A report-only re-run keeps the last real-pipeline runs (they take many minutes); latency figures

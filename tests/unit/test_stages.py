@@ -206,3 +206,20 @@ async def test_a_reused_answer_is_logged_but_never_admitted_again_as_an_example(
     [logged] = await store.responses_for(["r1"])
     assert logged.tier == "cache" and logged.example_ids == [7] and logged.response == "4"
     assert await store.count_examples() == 0
+
+
+async def test_first_example_affinity_sends_offloaded_requests_to_their_first_examples_partition():
+    from echolm.affinity import affinity_partition
+
+    affine = SETTINGS.model_copy(update={"generate_affinity": "first-example"})
+    [record] = await embed([request("r", "what is two plus two")])
+    refs = [ExampleRef(id=i, similarity=0.9, prompt="what is 2+2", response="4", model="big") for i in (11, 12)]
+    with_examples = [record.model_copy(update={"request": request(f"r{i}", "what is two plus two"),
+                                               "examples": refs if i % 2 else refs[::-1]}) for i in range(4)]
+    small = await RouteStage(affine, StaticRouter("small")).process(with_examples)
+    assert [o.partition for o in small] == [affinity_partition([12], 4), affinity_partition([11], 4)] * 2
+    # The large tier takes no examples, so its requests keep the request id's partition; so does the default.
+    large = await RouteStage(affine, StaticRouter("large")).process(with_examples)
+    default = await RouteStage(SETTINGS, StaticRouter("small")).process(with_examples)
+    assert {o.partition for o in large} == {o.partition for o in default} == {None}
+    assert [o.key for o in small] == [f"r{i}" for i in range(4)]  # still keyed (and logged) by request id
