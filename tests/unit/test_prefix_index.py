@@ -69,3 +69,16 @@ def test_kept_tokens_are_a_copy() -> None:
     index.keep(live, None, size=3)
     live[:] = 0
     assert index.longest([1, 2, 3])[0] == 3
+
+
+def test_prefix_lengths_agree_with_one_comparison_per_entry() -> None:
+    from echolm.prefix_index import prefix_lengths
+
+    rng = np.random.default_rng(0)
+    header = rng.integers(0, 50, size=30)
+    kept = [np.concatenate([header[: rng.integers(0, 31)], rng.integers(0, 3, size=rng.integers(0, 20))])
+            for _ in range(200)]
+    for _ in range(50):
+        wanted = np.concatenate([header[: rng.integers(0, 31)], rng.integers(0, 3, size=rng.integers(0, 20))])
+        assert prefix_lengths(kept, wanted).tolist() == [common_prefix_length(k, wanted) for k in kept]
+    assert prefix_lengths([np.array([1, 2, 3])], np.array([], dtype=np.int64)).tolist() == [0]
