@@ -255,7 +255,9 @@ class RouteStage:
         tier = next((t for t in self._settings.tiers if t.name == decision.tier), None)
         if tier is None or not tier.use_examples:
             return None
-        return affinity_partition([ref.id for ref in record.examples or []], self._settings.topics.partitions,
+        # In prompt order (echolm.prompting.order_examples): most similar first, ties by id.
+        in_prompt_order = sorted(record.examples or [], key=lambda ref: (-ref.similarity, ref.id))
+        return affinity_partition([ref.id for ref in in_prompt_order], self._settings.topics.partitions,
                                   self._settings.generate_affinity)
 
     def _reuse(self, record: InFlightRequest, reused: RetrievedExample, started: float) -> ResponseRecord:

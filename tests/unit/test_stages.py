@@ -213,11 +213,14 @@ async def test_first_example_affinity_sends_offloaded_requests_to_their_first_ex
 
     affine = SETTINGS.model_copy(update={"generate_affinity": "first-example"})
     [record] = await embed([request("r", "what is two plus two")])
-    refs = [ExampleRef(id=i, similarity=0.9, prompt="what is 2+2", response="4", model="big") for i in (11, 12)]
+    refs = [ExampleRef(id=i, similarity=s, prompt="what is 2+2", response="4", model="big")
+            for i, s in ((11, 0.8), (12, 0.9), (13, 0.9))]
     with_examples = [record.model_copy(update={"request": request(f"r{i}", "what is two plus two"),
                                                "examples": refs if i % 2 else refs[::-1]}) for i in range(4)]
     small = await RouteStage(affine, StaticRouter("small")).process(with_examples)
-    assert [o.partition for o in small] == [affinity_partition([12], 4), affinity_partition([11], 4)] * 2
+    # The prompt's first hint decides, whatever order retrieval listed them in: most similar, ties by id.
+    assert [o.partition for o in small] == [affinity_partition([12], 4)] * 4
+    assert affinity_partition([12], 4) != affinity_partition([13], 4)  # the tie-break matters here
     # The large tier takes no examples, so its requests keep the request id's partition; so does the default.
     large = await RouteStage(affine, StaticRouter("large")).process(with_examples)
     default = await RouteStage(SETTINGS, StaticRouter("small")).process(with_examples)
