@@ -123,59 +123,22 @@ def test_a_system_mixing_tiers_is_charged_their_overlap() -> None:
                                uses_retrieval=False).throughput_ratio == pytest.approx(1.0)
 
 
-def test_small_model_lift_counts_repeats_over_the_traffic_and_each_request_once_over_distinct_ones() -> None:
-    """A popular request the examples fix moves the traffic's lift more than the distinct requests'."""
+def _popular_and_rare_scorer(traffic: str, passes: set[tuple[str, str]]):  # type: ignore[no-untyped-def]
+    """A scorer over requests "p" and "r" (``traffic`` spells their order, repeats included), arms
+    large, small and small+nearest; an answer passes where (request, arm) is in ``passes``."""
     from types import SimpleNamespace
 
     from echolm.datasets import TaskItem
     from echolm.evaluation.efficiency import CostModel, TierCostModel
     from echolm.evaluation.harness import MissingGenerations
-    from echolm.evaluation.report import WorkloadScorer, lift_table, small_model_lifts
+    from echolm.evaluation.report import WorkloadScorer
     from echolm.evaluation.systems import Arm
 
-    popular, rare = TaskItem("p", "g1", "p", "", "1", (), "en"), TaskItem("r", "g2", "r", "", "1", (), "en")
-    passes = {("p", "small+nearest")}  # every other (request, arm) fails, the large model's answers too
+    items = {rid: TaskItem(rid, f"g-{rid}", rid, "", "1", (), "en") for rid in "pr"}
 
     class Run:
-        workload = SimpleNamespace(traffic=[popular, popular, popular, rare], unique_traffic=[popular, rare],
-                                   verifier="numeric", name="w")
-
-        def arm_for(self, item, name):  # type: ignore[no-untyped-def]
-            if name not in ("large", "small", "small+nearest"):
-                raise MissingGenerations(name)
-            return Arm(name, "large" if name == "large" else "small")
-
-        def generation(self, item, arm):  # type: ignore[no-untyped-def]
-            text = "pass" if (item.id, arm.name) in passes else "fail"
-            return SimpleNamespace(text=text, prompt_tokens=10, completion_tokens=5, latency_s=1.0)
-
-    verdicts = SimpleNamespace(verify=lambda item, text, verifier: SimpleNamespace(passed=text == "pass"))
-    costs = CostModel({t: TierCostModel(t, 0.0, 0.1, 0.2, 3, 0, 0.0) for t in ("small", "large")})
-    lifts = small_model_lifts(WorkloadScorer(Run(), verdicts, costs))  # type: ignore[arg-type]
-
-    assert list(lifts) == ["nearest examples"]  # no trained or replayed arm generated
-    assert lifts["nearest examples"]["traffic"].points == pytest.approx(37.5)  # 3 of 4 requests: a win, not a tie
-    assert lifts["nearest examples"]["distinct"].points == pytest.approx(25.0)
-    assert lifts["nearest examples"]["distinct"].requests == 2
-    assert "| nearest examples | +37.5 [" in lift_table(lifts)
-
-
-def test_small_model_findings_give_the_parity_headroom_and_the_most_requested_requests_first() -> None:
-    """Tying the large model bounds what copying its answers can lift; the popular table ranks by count."""
-    from types import SimpleNamespace
-
-    from echolm.datasets import TaskItem
-    from echolm.evaluation.efficiency import CostModel, TierCostModel
-    from echolm.evaluation.harness import MissingGenerations
-    from echolm.evaluation.report import WorkloadScorer, small_model_findings
-    from echolm.evaluation.systems import Arm
-
-    popular, rare = TaskItem("p", "g1", "p", "", "1", (), "en"), TaskItem("r", "g2", "r", "", "1", (), "en")
-    # The large model passes the popular request, the small one alone only the rare one (a win there).
-    passes = {("p", "large"), ("r", "small"), ("p", "small+nearest"), ("r", "small+nearest")}
-
-    class Run:
-        workload = SimpleNamespace(traffic=[rare, popular, popular, popular], unique_traffic=[rare, popular],
+        workload = SimpleNamespace(traffic=[items[rid] for rid in traffic],
+                                   unique_traffic=[items[rid] for rid in dict.fromkeys(traffic)],
                                    cache=[SimpleNamespace(id="cache-r"), SimpleNamespace(id="cache-p")],
                                    verifier="numeric", name="w")
         table = SimpleNamespace(best=lambda request_id: (1, 0.9) if request_id == "p" else (0, 0.4))
@@ -191,7 +154,30 @@ def test_small_model_findings_give_the_parity_headroom_and_the_most_requested_re
 
     verdicts = SimpleNamespace(verify=lambda item, text, verifier: SimpleNamespace(passed=text == "pass"))
     costs = CostModel({t: TierCostModel(t, 0.0, 0.1, 0.2, 3, 0, 0.0) for t in ("small", "large")})
-    findings = small_model_findings(WorkloadScorer(Run(), verdicts, costs), top=1)  # type: ignore[arg-type]
+    return WorkloadScorer(Run(), verdicts, costs)  # type: ignore[arg-type]
+
+
+def test_small_model_lift_counts_repeats_over_the_traffic_and_each_request_once_over_distinct_ones() -> None:
+    """A popular request the examples fix moves the traffic's lift more than the distinct requests'."""
+    from echolm.evaluation.report import lift_table, small_model_lifts
+
+    # Every other (request, arm) fails, the large model's answers too.
+    lifts = small_model_lifts(_popular_and_rare_scorer("pppr", {("p", "small+nearest")}))
+
+    assert list(lifts) == ["nearest examples"]  # no trained or replayed arm generated
+    assert lifts["nearest examples"]["traffic"].points == pytest.approx(37.5)  # 3 of 4 requests: a win, not a tie
+    assert lifts["nearest examples"]["distinct"].points == pytest.approx(25.0)
+    assert lifts["nearest examples"]["distinct"].requests == 2
+    assert "| nearest examples | +37.5 [" in lift_table(lifts)
+
+
+def test_small_model_findings_give_the_parity_headroom_and_the_most_requested_requests_first() -> None:
+    """Tying the large model bounds what copying its answers can lift; the popular table ranks by count."""
+    from echolm.evaluation.report import small_model_findings
+
+    # The large model passes the popular request, the small one alone only the rare one (a win there).
+    passes = {("p", "large"), ("r", "small"), ("p", "small+nearest"), ("r", "small+nearest")}
+    findings = small_model_findings(_popular_and_rare_scorer("rppp", passes), top=1)
 
     # Alone: 3 losses and 1 win over the traffic (win rate 0.25), a loss and a win over the distinct ones.
     assert findings.headroom["traffic"] == pytest.approx(25.0)
